@@ -1,0 +1,60 @@
+"""The map-style dataset: labels and metadata in memory, images read and decoded on demand."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from linnaeus.data.images import FolderImageStore, H5ImageStore
+
+
+class TaxonDataset(Dataset):
+    """One sample: a transformed image, class indices per task, and metadata with its validity.
+
+    Indices may be plain ints or ``(index, epoch)`` pairs. With a pair, the random transform is
+    seeded from (seed, epoch, index), so a sample's augmentation does not depend on which worker
+    loads it or on where a resumed run restarted.
+    """
+
+    def __init__(
+        self,
+        store: H5ImageStore | FolderImageStore,
+        identifiers: np.ndarray,
+        image_rows: np.ndarray,
+        targets: np.ndarray,
+        meta: dict[str, np.ndarray],
+        meta_valid: dict[str, np.ndarray],
+        transform: Callable[[torch.Tensor], torch.Tensor],
+        seed: int = 0,
+    ) -> None:
+        self.store = store
+        self.identifiers = identifiers
+        self.image_rows = image_rows
+        self.targets = torch.as_tensor(targets, dtype=torch.long)
+        self.meta = {k: torch.as_tensor(v) for k, v in meta.items()}
+        self.meta_valid = {k: torch.as_tensor(v) for k, v in meta_valid.items()}
+        self.transform = transform
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.identifiers)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        image = self.store.read(int(self.image_rows[index]), str(self.identifiers[index]))
+        if epoch is None:
+            image = self.transform(image)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63)
+                image = self.transform(image)
+        return {
+            "images": image,
+            "targets": self.targets[index],
+            "meta": {k: v[index] for k, v in self.meta.items()},
+            "meta_valid": {k: v[index] for k, v in self.meta_valid.items()},
+            "index": index,
+        }
