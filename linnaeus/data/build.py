@@ -203,10 +203,15 @@ def _check_image(args: tuple[str, int | None]) -> tuple[bytes | None, str | None
 
 
 def _taxa_and_taxonomy(records: Records, keyed_by_path: bool) -> tuple[dict[str, np.ndarray], list[TaxonRow]]:
-    """Integer ids per rank and the taxonomy rows (parents from the first row naming each taxon)."""
+    """Integer ids per rank and the taxonomy rows.
+
+    A taxon's parent comes from the first row naming it together with a known parent: a row with
+    an empty cell at the coarser rank (partial label) says nothing about the parent.
+    """
     num_ranks = len(records.levels)
     ids: list[dict[str, int]] = [{} for _ in range(num_ranks)]
     rows: list[TaxonRow] = []
+    row_of: dict[int, TaxonRow] = {}
     taxa = np.zeros((len(records.names), num_ranks), dtype=np.int64)
     next_id = 1
     for i, names in enumerate(records.names):
@@ -220,7 +225,10 @@ def _taxa_and_taxonomy(records: Records, keyed_by_path: bool) -> tuple[dict[str,
                 taxon = ids[r][name] = next_id
                 next_id += 1
                 display = name.rsplit("/", 1)[-1] if keyed_by_path else name
-                rows.append(TaxonRow(taxon, records.levels[r], parent, display))
+                row_of[taxon] = TaxonRow(taxon, records.levels[r], parent, display)
+                rows.append(row_of[taxon])
+            elif row_of[taxon].parent_id == 0 and parent:
+                row_of[taxon].parent_id = parent
             taxa[i, r] = taxon
             parent = taxon
     return {f"taxa_L{lvl}": taxa[:, r] for r, lvl in enumerate(records.levels)}, rows
