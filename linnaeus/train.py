@@ -25,7 +25,7 @@ from linnaeus.checkpoint import capture_rng, load_latest, restore_rng, save_chec
 from linnaeus.config import register_configs
 from linnaeus.data.loader import build_data
 from linnaeus.data.taxonomy import Taxonomy
-from linnaeus.dist import DistInfo, broadcast_object, cleanup, init_distributed
+from linnaeus.dist import DistInfo, all_reduce_sum, broadcast_object, cleanup, init_distributed
 from linnaeus.logger import NullLogger, RunLogger
 from linnaeus.losses import build_loss
 from linnaeus.metrics import MetricAccumulator
@@ -274,8 +274,8 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         dynamic_ncols=True,
     )
     window = {
-        "loss": 0.0,
-        "task_loss": torch.zeros(taxonomy.num_tasks),
+        "loss": torch.zeros((), device=device),
+        "task_loss": torch.zeros(taxonomy.num_tasks, device=device),
         "steps": 0,
         "images": 0,
         "time": time.perf_counter(),
@@ -307,8 +307,9 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
                 loss, task_losses = loss_fn(logits, batch["targets"])
             scaler.scale(loss / group_size).backward()
             micro += 1
-            window["loss"] += loss.item() / group_size
-            window["task_loss"] += task_losses.cpu() / group_size
+            # accumulated on the device: no host sync per step
+            window["loss"] += loss.detach().float() / group_size
+            window["task_loss"] += task_losses.detach().float() / group_size
             window["images"] += batch["images"].shape[0] * dist_info.world_size
             if group_left > 0:
                 continue
@@ -327,7 +328,10 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
             if state.step % cfg.train.log_every == 0 or state.step == total_steps:
                 elapsed = time.perf_counter() - window["time"]
-                n = window["steps"]
+                n = window["steps"] * dist_info.world_size
+                # mean over ranks: the logged loss is the global batch's, as in a single process
+                losses = all_reduce_sum(torch.cat([window["loss"].view(1), window["task_loss"]])).cpu()
+                window["loss"], window["task_loss"] = losses[0].item(), losses[1:]
                 lr = optimizer.param_groups[0]["lr"]
                 train_metrics = {
                     "train/loss": window["loss"] / n,
@@ -358,8 +362,8 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
                         train_metrics["perf/images_per_s"],
                     )
                 window.update(
-                    loss=0.0,
-                    task_loss=torch.zeros(taxonomy.num_tasks),
+                    loss=torch.zeros((), device=device),
+                    task_loss=torch.zeros(taxonomy.num_tasks, device=device),
                     steps=0,
                     images=0,
                     time=time.perf_counter(),
@@ -374,10 +378,12 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
                 or (cfg.train.val_every > 0 and state.step % cfg.train.val_every == 0)
                 or (cfg.train.val_every == 0 and end_of_epoch)
             )
+            paused = time.perf_counter()
             if do_val:
                 metrics = validate()
             if do_val or finished or end_of_epoch or state.step % cfg.checkpoint.every_steps == 0:
                 save(metrics if do_val else None)
+            window["time"] += time.perf_counter() - paused  # images/s counts training time only
             if finished or end_of_epoch:
                 break
     bar.close()
@@ -393,7 +399,11 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
 register_configs()
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+# an absolute path: relative paths would be resolved as a Python package when imported by the shim
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
 def hydra_entry(cfg: DictConfig) -> float | None:
     metrics = main(cfg)
     monitor = cfg.checkpoint.monitor or None
