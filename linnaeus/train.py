@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -17,12 +18,22 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from linnaeus.checkpoint import capture_rng, load_latest, restore_rng, save_checkpoint, step_checkpoints
+from linnaeus.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    load_latest,
+    restore_rng,
+    save_checkpoint,
+    step_checkpoints,
+)
 from linnaeus.config import register_configs
+from linnaeus.data.images import BadImageError
+from linnaeus.data.labels import DatasetError
 from linnaeus.data.loader import build_data
 from linnaeus.data.taxonomy import Taxonomy
 from linnaeus.dist import DistInfo, all_reduce_sum, broadcast_object, cleanup, init_distributed
@@ -405,7 +416,15 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
 def hydra_entry(cfg: DictConfig) -> float | None:
-    metrics = main(cfg)
+    try:
+        metrics = main(cfg)
+    except (DatasetError, BadImageError, CheckpointError) as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # let the sweep record this job's failure and go on
+        # bad input, not a bug: the message says what is wrong and how to fix it; no traceback
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     monitor = cfg.checkpoint.monitor or None
     if monitor is None and metrics:
         monitor = next((k for k in reversed(list(metrics)) if k.startswith("val/top1/")), None)

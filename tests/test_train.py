@@ -154,3 +154,59 @@ def test_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, demo_c
     assert "falling back to the previous checkpoint" in proc.stderr + (run / "train.log").read_text()
     assert "resumed from" in (run / "train.log").read_text()
     assert load_checkpoint(run / "checkpoints/last.pt")["train_state"]["step"] == 9
+
+
+@pytest.mark.parametrize(
+    "overrides, micro_batches",
+    [
+        (["train.precision=bf16", "data.sampler.mode=mixed-pairs"], 6),
+        (["train.precision=fp16", "train.accumulate=2", "data.sampler.mode=strict-group"], 12),
+    ],
+    ids=["bf16-mixed-pairs", "fp16-accumulate-strict-group"],
+)
+def test_precisions_accumulation_and_grouped_samplers(tmp_path, demo_cache, overrides, micro_batches):
+    run = tmp_path / "run"
+    run_train(run, "logger.wandb.mode=disabled", *overrides)
+    records = read_metrics(run / "metrics.jsonl")
+    losses = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(losses) == 6 and all(0 < v < 50 for v in losses)
+    state = load_checkpoint(run / "checkpoints/last.pt")["train_state"]
+    assert state["step"] == 6 and state["batch_in_epoch"] == micro_batches
+
+
+def test_corrupt_image_stops_the_run_with_its_name_or_is_dropped_on_request(tmp_path):
+    from tests.conftest import png_bytes, write_h5_dataset
+
+    n = 40
+    images = [png_bytes((10 * i % 255, 80, 160)) for i in range(n)]
+    images[7] = b"\x89PNG\r\n\x1a\n this is not an image"
+    data = write_h5_dataset(
+        tmp_path / "data",
+        {"taxa_L20": [1 + i % 2 for i in range(n)], "taxa_L10": [10 + i % 4 for i in range(n)]},
+        images=images,
+    )
+    paths = ["data=h5", f"data.labels={data / 'labels.h5'}", f"data.images={data / 'images.h5'}",
+             "logger.wandb.mode=disabled"]  # fmt: skip
+    proc = run_train(tmp_path / "strict", *paths, "data.check_images=true", check=False)
+    assert proc.returncode == 1
+    assert "1 of 40 images are missing or undecodable" in proc.stderr
+    assert "img_0007.png" in proc.stderr and "data.bad_images=drop" in proc.stderr
+    assert "Traceback" not in proc.stderr  # bad input is reported, not a crash
+    assert not (tmp_path / "strict" / "checkpoints").exists()
+
+    # without the start-up check the loader meets the image and names it just the same
+    proc = run_train(tmp_path / "unchecked", *paths, check=False)
+    assert proc.returncode == 1
+    assert "img_0007.png" in proc.stderr and "linnaeus.data.verify" in proc.stderr
+
+    run_train(
+        tmp_path / "drop",
+        *paths,
+        "data.check_images=true",
+        "data.bad_images=drop",
+        "data.max_bad_fraction=0.05",
+    )
+    report = json.loads((tmp_path / "drop" / "image_check.json").read_text())
+    assert report["bad"] == 1 and report["bad_images"][0]["identifier"] == "img_0007.png"
+    split = json.loads((tmp_path / "drop" / "split.json").read_text())
+    assert "img_0007.png" not in json.dumps(split)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from linnaeus.data.images import FolderImageStore, H5ImageStore
+from linnaeus.data.images import BadImageError, FolderImageStore, H5ImageStore
 
 
 class TaxonDataset(Dataset):
@@ -44,7 +44,13 @@ class TaxonDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, None)
-        image = self.store.read(int(self.image_rows[index]), str(self.identifiers[index]))
+        try:
+            image = self.store.read(int(self.image_rows[index]), str(self.identifiers[index]))
+        except BadImageError as err:
+            raise BadImageError(
+                f"{err}. Find every bad image with `python -m linnaeus.data.verify DIR`, or let the "
+                "start-up check drop them: data.check_images=true data.bad_images=drop"
+            ) from err
         if epoch is None:
             image = self.transform(image)
         else:
