@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from linnaeus.models import build_model, count_parameters
+from linnaeus.models import RUNTIME_ARGS, TRAINER_KEYS, build_model, count_parameters
 from linnaeus.models.heads import LinearHead, build_head
 from linnaeus.models.layers import Attention, Downsample, MetaEmbedding, RoPE2D, apply_rope
 from linnaeus.optim import split_decay_groups
@@ -23,7 +23,7 @@ MODEL_CONFIGS = sorted((REPO / "conf" / "model").glob("*.yaml"))
 NUM_CLASSES = [3, 5, 7, 11]
 META_DIMS = {"spatial": 3, "temporal": 2, "elevation_main": 4}
 # Small enough for a real forward/backward on CPU; the others are built on the meta device.
-CPU_CONFIGS = {"mformer_xs", "mformer_sm"}
+CPU_CONFIGS = {"mformer_xs", "mformer_sm", "mformer_v0_sm", "timm"}
 
 
 def load_cfg(name: str = "mformer_xs", **overrides):
@@ -39,16 +39,19 @@ def make_meta(batch: int, seed: int = 0) -> tuple[dict, dict]:
 
 
 def test_model_configs_found():
-    assert {p.stem for p in MODEL_CONFIGS} >= {f"mformer_{s}" for s in ("xs", "sm", "md", "lg", "xl")}
+    assert {p.stem for p in MODEL_CONFIGS} >= {f"mformer_{s}" for s in ("xs", "sm", "md", "lg", "xl")} | {
+        f"mformer_v0_{s}" for s in ("sm", "md", "lg")
+    } | {"timm"}
 
 
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
 def test_config_builds_with_documented_size_and_writes_out_every_key(path):
     cfg = OmegaConf.load(path)
-    # Every constructor key is written out, so the YAML is the one place defaults live.
+    # Every constructor key (and every trainer key of the model node) is written out, so the YAML is the
+    # one place defaults live.
     target = cfg._target_.rsplit(".", 1)
     model_cls = getattr(__import__(target[0], fromlist=[target[1]]), target[1])
-    expected = set(inspect.signature(model_cls).parameters) - {"num_classes", "meta_dims"}
+    expected = set(inspect.signature(model_cls).parameters) - set(RUNTIME_ARGS) | set(TRAINER_KEYS)
     assert set(cfg) - {"_target_"} == expected
 
     # The meta device gives shapes without allocating or computing, so even xl takes well under a second.
@@ -57,7 +60,12 @@ def test_config_builds_with_documented_size_and_writes_out_every_key(path):
     meta, valid = ({name: t.to("meta") for name, t in tensors.items()} for tensors in make_meta(2))
     images = torch.zeros(2, 3, 32, 32, device="meta")
     assert [tuple(t.shape) for t in model(images, meta, valid)] == [(2, n) for n in NUM_CLASSES]
-    assert model.forward_features(images).shape == (2, model.num_features)
+    features = model.forward_features(images)
+    assert features.shape == (2, model.num_features)
+    assert [tuple(t.shape) for t in model.forward_head(features)] == [(2, n) for n in NUM_CLASSES]
+    assert model.no_weight_decay() <= dict(model.named_parameters()).keys()
+    own = {id(p) for p in model.parameters()}
+    assert model.shared_parameters() and all(id(p) in own for p in model.shared_parameters())
 
     header = re.search(r"^# ([\d,]+) parameters", path.read_text(), re.MULTILINE)
     assert header is not None, f"{path.name} lacks its '# N parameters' comment"
@@ -81,7 +89,9 @@ def test_train_step_reaches_every_parameter_with_a_finite_gradient(path):
     for name, param in model.named_parameters():
         assert param.grad is not None, name
         assert torch.isfinite(param.grad).all(), name
-    assert model.fuse_logits.grad.abs().sum() > 0
+    assert model.shared_parameters()[0].grad.abs().sum() > 0
+    if hasattr(model, "fuse_logits"):
+        assert model.fuse_logits.grad.abs().sum() > 0
 
 
 def test_drop_path_grows_linearly_to_the_configured_rate():

@@ -9,14 +9,38 @@ import hydra
 from omegaconf import OmegaConf
 from torch import nn
 
+from linnaeus.data.taxonomy import Taxonomy
+
 # Supplied by the trainer from the data, never written in the model YAML.
-RUNTIME_ARGS = ("num_classes", "meta_dims")
+RUNTIME_ARGS = ("num_classes", "meta_dims", "parents")
 # Hydra's own instantiate flags may appear in a node; they are not constructor arguments.
 HYDRA_KEYS = ("_convert_", "_recursive_", "_partial_")
+# Keys of every model node that the trainer reads, not the constructor (``pretrained``: a weights file).
+TRAINER_KEYS = ("pretrained",)
 
 
-def build_model(cfg, num_classes: Sequence[int], meta_dims: Mapping[str, int]) -> nn.Module:
-    """Build ``cfg._target_`` with the node's keys plus the data-derived ``num_classes``/``meta_dims``.
+def resolve_head_per_task(head_per_task, taxonomy: Taxonomy | None):
+    """``model.head_per_task`` with task keys (``taxa_L10``) replaced by task indices (coarse = 0)."""
+    if not isinstance(head_per_task, Mapping) or taxonomy is None:
+        return head_per_task
+    resolved = {}
+    for key, kind in head_per_task.items():
+        if isinstance(key, str) and key in taxonomy.task_keys:
+            key = taxonomy.task_keys.index(key)
+        elif isinstance(key, str) and not key.lstrip("-").isdigit():
+            raise ValueError(f"model.head_per_task.{key}: not a task; tasks are {taxonomy.task_keys}")
+        resolved[int(key)] = kind
+    return resolved
+
+
+def build_model(
+    cfg,
+    num_classes: Sequence[int],
+    meta_dims: Mapping[str, int],
+    taxonomy: Taxonomy | None = None,
+) -> nn.Module:
+    """Build ``cfg._target_`` with the node's keys plus the data-derived ``num_classes``/``meta_dims`` and,
+    from ``taxonomy``, the parent maps that hierarchical heads need (``taxonomy.parents``).
 
     Keys are checked against the constructor's signature first, so a typo fails at startup with the
     key's full name (``model.<key>``) and the list of valid keys, rather than a bare ``TypeError``.
@@ -27,7 +51,7 @@ def build_model(cfg, num_classes: Sequence[int], meta_dims: Mapping[str, int]) -
         raise ValueError(
             "model._target_ is missing: it names the model class, e.g. linnaeus.models.mformer.MFormerV1"
         )
-    for key in HYDRA_KEYS:
+    for key in HYDRA_KEYS + TRAINER_KEYS:
         kwargs.pop(key, None)
     builder = hydra.utils.get_object(target)
 
@@ -41,7 +65,15 @@ def build_model(cfg, num_classes: Sequence[int], meta_dims: Mapping[str, int]) -
         unknown = [key for key in kwargs if key not in valid]
         if unknown:
             names = ", ".join(f"model.{key}" for key in unknown)
-            raise ValueError(f"unknown key(s) {names} for {target}; valid keys: {valid}")
+            raise ValueError(f"unknown key(s) {names} for {target}; valid keys: {valid + list(TRAINER_KEYS)}")
+    if taxonomy is not None:
+        if list(taxonomy.num_classes) != list(num_classes):
+            raise ValueError(
+                f"num_classes {list(num_classes)} differ from the taxonomy's {taxonomy.num_classes}"
+            )
+        kwargs["parents"] = taxonomy.parents
+    if "head_per_task" in kwargs:
+        kwargs["head_per_task"] = resolve_head_per_task(kwargs["head_per_task"], taxonomy)
     return builder(num_classes=list(num_classes), meta_dims=dict(meta_dims), **kwargs)
 
 
@@ -50,4 +82,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["build_model", "count_parameters"]
+__all__ = ["RUNTIME_ARGS", "TRAINER_KEYS", "build_model", "count_parameters", "resolve_head_per_task"]

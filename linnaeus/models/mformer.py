@@ -5,26 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from timm.layers import LayerNorm2d, trunc_normal_
 from torch import nn
 
-from linnaeus.models.heads import build_head
-from linnaeus.models.layers import ConvNeXtBlock, Downsample, MetaEmbedding, RoPE2D, TransformerBlock
-
-META_DEFAULTS = {"enabled": True, "hidden_dim": 64}
-
-MetaInputs = dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-def _meta_settings(meta: Mapping | None) -> dict:
-    """``model.meta`` merged over its defaults; a mistyped key fails here with its full name."""
-    meta = dict(meta or {})
-    unknown = sorted(set(meta) - set(META_DEFAULTS))
-    if unknown:
-        names = ", ".join(f"model.meta.{key}" for key in unknown)
-        raise ValueError(f"unknown key(s) {names}; valid keys: {sorted(META_DEFAULTS)}")
-    return {**META_DEFAULTS, **meta}
+from linnaeus.models.heads import HeadPerTask, build_heads
+from linnaeus.models.layers import (
+    ConvNeXtBlock,
+    Downsample,
+    MetaEmbedding,
+    RoPE2D,
+    TransformerBlock,
+    run_blocks,
+)
+from linnaeus.models.meta import MetaInputs, gather_meta_inputs, meta_settings
 
 
 class AttentionStage(nn.Module):
@@ -66,7 +61,11 @@ class AttentionStage(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, grid: tuple[int, int], meta_inputs: MetaInputs
+        self,
+        x: torch.Tensor,
+        grid: tuple[int, int],
+        meta_inputs: MetaInputs,
+        use_checkpoint: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Image tokens ``(B, H*W, C)`` -> (updated image tokens ``(B, H*W, C)``, class token ``(B, C)``)."""
         batch = x.shape[0]
@@ -77,8 +76,7 @@ class AttentionStage(nn.Module):
         num_prefix = len(prefix)
         x = torch.cat([token.to(x.dtype) for token in prefix] + [x], dim=1)  # (B, P + H*W, C)
         rope = self.rope(grid, x.device)
-        for block in self.blocks:
-            x = block(x, rope, num_prefix)
+        x = run_blocks(self.blocks, x, rope, num_prefix, use_checkpoint=use_checkpoint)
         return x[:, num_prefix:], x[:, 0]
 
 
@@ -97,6 +95,7 @@ class MFormerV1(nn.Module):
         num_classes: Sequence[int],
         meta_dims: Mapping[str, int],
         *,
+        parents: Sequence[np.ndarray | None] | None = None,
         conv_dims: Sequence[int] = (96, 192),
         conv_depths: Sequence[int] = (3, 3),
         attn_dims: Sequence[int] = (384, 768),
@@ -108,6 +107,10 @@ class MFormerV1(nn.Module):
         rope_theta: float = 100.0,
         meta: Mapping | None = None,
         head: str = "linear",
+        head_per_task: HeadPerTask = None,
+        head_routing: str = "soft",
+        head_temperature: float = 1.0,
+        grad_checkpointing: bool = False,
         in_chans: int = 3,
     ) -> None:
         super().__init__()
@@ -121,8 +124,9 @@ class MFormerV1(nn.Module):
         for key, value in per_stage.items():
             if len(value) != 2:
                 raise ValueError(f"model.{key} needs two entries (one per stage), got {list(value)}")
-        settings = _meta_settings(meta)
+        settings = meta_settings(meta)
         self.num_classes = list(num_classes)
+        self.grad_checkpointing = grad_checkpointing
         self.meta_dims = dict(meta_dims) if settings["enabled"] else {}
         self.num_features = attn_dims[1]
 
@@ -171,7 +175,19 @@ class MFormerV1(nn.Module):
         self.norm = nn.LayerNorm(attn_dims[1])
         # Initialise the trunk before the heads exist, so heads keep whatever initialisation they define.
         self.apply(_init_weights)
-        self.heads = nn.ModuleList(build_head(head, self.num_features, n) for n in self.num_classes)
+        self.heads = build_heads(
+            self.num_features,
+            self.num_classes,
+            parents=parents,
+            head=head,
+            head_per_task=head_per_task,
+            routing=head_routing,
+            temperature=head_temperature,
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block's activations in the backward pass (timm's method name)."""
+        self.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
         """Class tokens, missing-value embeddings and fusion logits: learned constants, not weights."""
@@ -181,35 +197,9 @@ class MFormerV1(nn.Module):
             if name.endswith(("cls_token", ".missing", "fuse_logits"))
         }
 
-    def _meta_inputs(
-        self,
-        meta: Mapping[str, torch.Tensor] | None,
-        meta_valid: Mapping[str, torch.Tensor] | None,
-        batch: int,
-        device: torch.device,
-    ) -> MetaInputs:
-        """``(values, valid)`` for every component the model was built with.
-
-        An absent component counts as missing for every row; absent validity flags count as valid.
-        Components the model was not built with are ignored.
-        """
-        meta, meta_valid = meta or {}, meta_valid or {}
-        inputs: MetaInputs = {}
-        for name, width in self.meta_dims.items():
-            values = meta.get(name)
-            if values is None:
-                values = torch.zeros(batch, width, device=device)
-                valid = torch.zeros(batch, dtype=torch.bool, device=device)
-            else:
-                if values.shape != (batch, width):
-                    raise ValueError(
-                        f"metadata '{name}' has shape {tuple(values.shape)}; the model expects ({batch}, {width})"
-                    )
-                valid = meta_valid.get(name)
-                if valid is None:
-                    valid = torch.ones(batch, dtype=torch.bool, device=device)
-            inputs[name] = (values, valid)
-        return inputs
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The last layer every head reads from (the fusion LayerNorm); GradNorm balances the ranks here."""
+        return list(self.norm.parameters())
 
     def forward_features(
         self,
@@ -219,24 +209,25 @@ class MFormerV1(nn.Module):
     ) -> torch.Tensor:
         """Images ``(B, C, H, W)`` plus metadata -> pooled features ``(B, num_features)``."""
         batch = images.shape[0]
-        meta_inputs = self._meta_inputs(meta, meta_valid, batch, images.device)
+        meta_inputs = gather_meta_inputs(self.meta_dims, meta, meta_valid, batch, images.device)
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
 
-        x = self.conv_stage1(self.stem(images))
-        x = self.conv_stage2(self.down1(x))
+        x = run_blocks(self.conv_stage1, self.stem(images), use_checkpoint=ckpt)
+        x = run_blocks(self.conv_stage2, self.down1(x), use_checkpoint=ckpt)
         x = self.down2(x)  # (B, C1, H, W)
         grid = (x.shape[-2], x.shape[-1])
-        x, cls1 = self.attn_stage1(x.flatten(2).transpose(1, 2), grid, meta_inputs)  # (B, H*W, C1)
+        x, cls1 = self.attn_stage1(x.flatten(2).transpose(1, 2), grid, meta_inputs, ckpt)  # (B, H*W, C1)
 
         x = self.down3(x.transpose(1, 2).reshape(batch, -1, *grid))  # (B, C2, H', W')
         grid = (x.shape[-2], x.shape[-1])
-        _, cls2 = self.attn_stage2(x.flatten(2).transpose(1, 2), grid, meta_inputs)
+        _, cls2 = self.attn_stage2(x.flatten(2).transpose(1, 2), grid, meta_inputs, ckpt)
 
         weights = self.fuse_logits.softmax(dim=0)
         return self.norm(weights[0] * self.cls1_proj(cls1) + weights[1] * cls2)
 
     def forward_head(self, features: torch.Tensor) -> list[torch.Tensor]:
         """Features ``(B, F)`` -> one logits tensor ``(B, C_t)`` per task, coarse to fine."""
-        return [head(features) for head in self.heads]
+        return self.heads(features)
 
     def forward(
         self,
