@@ -3,10 +3,8 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from linnaeus.data.taxonomy import Taxonomy
-from linnaeus.losses import MultiTaskLoss, masked_cross_entropy
 from linnaeus.metrics import MetricAccumulator
 from linnaeus.schedule import lr_multiplier
 
@@ -22,29 +20,6 @@ def test_warmup_then_cosine_is_a_pure_function_of_step():
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
     assert lr_multiplier(60, name="linear", **kw) == pytest.approx(0.55)
     assert lr_multiplier(60, name="constant", **kw) == 1.0
-
-
-def test_masked_cross_entropy_ignores_null_labels():
-    logits = torch.randn(4, 5)
-    targets = torch.tensor([0, 2, 0, 4])
-    expected = F.cross_entropy(logits[[1, 3]], targets[[1, 3]])
-    assert torch.allclose(masked_cross_entropy(logits, targets, null_index=0), expected)
-    all_null = masked_cross_entropy(logits.requires_grad_(), torch.zeros(4, dtype=torch.long), 0)
-    assert all_null.item() == 0.0
-    all_null.backward()  # still part of the graph
-
-
-def test_multitask_loss_weights_ranks():
-    logits = [torch.randn(3, 4), torch.randn(3, 6)]
-    targets = torch.tensor([[1, 2], [2, 0], [3, 5]])
-    loss_fn = MultiTaskLoss(2, null_index=0, task_weights=[0.5, 2.0])
-    total, per_task = loss_fn(logits, targets)
-    a = F.cross_entropy(logits[0], targets[:, 0])
-    b = F.cross_entropy(logits[1][[0, 2]], targets[[0, 2], 1])
-    assert torch.allclose(per_task, torch.stack([a, b]))
-    assert torch.allclose(total, 0.5 * a + 2.0 * b)
-    with pytest.raises(ValueError, match="3 values but there are 2 ranks"):
-        MultiTaskLoss(2, 0, [1, 1, 1])
 
 
 def tiny_taxonomy() -> Taxonomy:
