@@ -27,6 +27,9 @@ class NullLogger:
     def plot(self) -> None:
         pass
 
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        pass
+
     def finish(self) -> None:
         pass
 
@@ -109,6 +112,13 @@ class RunLogger(NullLogger):
             handle.write(json.dumps(record) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=int(step))
+
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """An image file already saved in the run directory, also sent to W&B."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({key: wandb.Image(str(path))}, step=int(step))
 
     def plot(self) -> None:
         if self.make_plots:

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from linnaeus.data.images import BadImageError, FolderImageStore, H5ImageStore
+from linnaeus.data.transforms import sample_seed, seeded_rng
 
 
 class TaxonDataset(Dataset):
@@ -16,7 +17,8 @@ class TaxonDataset(Dataset):
 
     Indices may be plain ints or ``(index, epoch)`` pairs. With a pair, the random transform is
     seeded from (seed, epoch, index), so a sample's augmentation does not depend on which worker
-    loads it or on where a resumed run restarted.
+    loads it or on where a resumed run restarted; the training step seeds the same way when it
+    augments on the device (``augmentation.device=gpu``).
     """
 
     def __init__(
@@ -54,8 +56,7 @@ class TaxonDataset(Dataset):
         if epoch is None:
             image = self.transform(image)
         else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63)
+            with seeded_rng(sample_seed(self.seed, epoch, index)):
                 image = self.transform(image)
         return {
             "images": image,

@@ -1,18 +1,212 @@
-"""Per-image preprocessing: random training augmentation and deterministic evaluation preprocessing."""
+"""Per-image preprocessing: the random training pipeline and the deterministic load/evaluation steps.
+
+Every transform takes a (3, H, W) uint8 tensor and draws its randomness from torch's global RNG, so
+one pipeline serves both places augmentation can run: per sample in the loader workers
+(``augmentation.device=cpu``), or per sample on the batch's device inside the training step
+(``augmentation.device=gpu``, see ``linnaeus.augment.pipeline``). Run under
+``seeded_rng(sample_seed(seed, epoch, index))``, a sample is augmented identically in both places.
+
+Auto-augment policies take timm's names. Two are built from torchvision's tensor ops and run on any
+device: ``rand-...-inc1`` (timm's RandAugment grammar: ``m``, ``n``, ``p``, ``mstd``, ``mmax``) and
+``original`` (the AutoAugment paper's ImageNet policy). Every other timm policy (``v0``, ``v0r``,
+``originalr``, ``3a``, ``rand-...`` without ``inc1``, ``augmix-...``) is timm's own implementation on
+PIL images and runs on CPU tensors only; handed a GPU tensor it fails with a message saying so.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps
+from torch import nn
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+ERASE_MODES = {"const": 0.0, "pixel": "random"}  # erased pixels: zeros, or per-pixel N(0, 1) noise
+RAND_KEYS = {"m", "n", "p", "mstd", "mmax", "inc"}
+LEVEL_MAX = 10  # timm's magnitude scale is 0..10
+BINS_PER_LEVEL = 10
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation in one epoch, whoever applies it."""
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
+
+
+@contextmanager
+def seeded_rng(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Seed the global RNGs transforms draw from, restoring them afterwards.
+
+    The CPU generator always (torchvision draws its parameters there, whatever the image's device);
+    the image's CUDA generator too, for the few ops that sample on the device (AugMix).
+    """
+    cuda = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for dev in cuda:
+            with torch.cuda.device(dev):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
+class RandAugment(nn.Module):
+    """timm's RandAugment grammar on torchvision's tensor ops.
+
+    ``num_ops`` times: with probability ``prob``, one op chosen uniformly is applied at a magnitude
+    drawn for this op: ``magnitude`` on timm's 0-10 scale plus Gaussian noise of std
+    ``magnitude_std`` (uniform in [0, magnitude] when infinite), clipped to [0, min(magnitude_max, 10)].
+    The ops are torchvision's RandAugment set (no Invert/SolarizeAdd, plus Identity); their severity
+    grows with the magnitude, as in timm's ``inc1`` variants.
+    """
+
+    def __init__(
+        self,
+        *,
+        magnitude: float,
+        num_ops: int,
+        prob: float,
+        magnitude_std: float,
+        magnitude_max: float,
+        fill: list[int],
+    ) -> None:
+        super().__init__()
+        self.magnitude, self.num_ops, self.prob = magnitude, num_ops, prob
+        self.magnitude_std, self.magnitude_max = magnitude_std, min(magnitude_max, LEVEL_MAX)
+        self.op = v2.RandAugment(
+            num_ops=1,
+            magnitude=0,
+            num_magnitude_bins=LEVEL_MAX * BINS_PER_LEVEL + 1,
+            interpolation=v2.InterpolationMode.BILINEAR,
+            fill=fill,
+        )
+
+    def _draw_magnitude(self) -> float:
+        if math.isinf(self.magnitude_std):
+            return float(torch.rand(())) * self.magnitude
+        if self.magnitude_std > 0:
+            return self.magnitude + self.magnitude_std * float(torch.randn(()))
+        return self.magnitude
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.num_ops):
+            if float(torch.rand(())) >= self.prob:
+                continue
+            level = min(max(self._draw_magnitude(), 0.0), self.magnitude_max)
+            self.op.magnitude = round(level * BINS_PER_LEVEL)
+            image = self.op(image)
+        return image
+
+
+class TimmPilPolicy(nn.Module):
+    """One of timm's PIL-image policies inside the tensor pipeline; CPU tensors only.
+
+    timm draws from Python's ``random`` and NumPy's global RNG; both are seeded from the (seeded)
+    torch RNG for the call and restored after it, so the result is a function of the sample's seed.
+    """
+
+    def __init__(self, name: str, policy) -> None:
+        super().__init__()
+        self.name, self.policy = name, policy
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.device.type != "cpu":
+            raise RuntimeError(
+                f"augmentation.auto_augment={self.name} is timm's PIL implementation and runs on CPU only; "
+                "use augmentation.device=cpu, or a tensor policy (rand-...-inc1, original)"
+            )
+        seed = int(torch.randint(2**31 - 1, ()))
+        py_state, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            out = self.policy(F.to_pil_image(image))
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return F.pil_to_tensor(out)
+
+
+def _parse_rand(name: str) -> dict | None:
+    """RandAugment settings from a timm ``rand-...`` string, or None when it needs timm's PIL version."""
+    settings = {"m": float(LEVEL_MAX), "n": 2.0, "p": 0.5, "mstd": 0.0, "mmax": float(LEVEL_MAX), "inc": 0.0}
+    for part in name.split("-")[1:]:
+        key = next((k for k in sorted(RAND_KEYS, key=len, reverse=True) if part.startswith(k)), None)
+        if key is None:
+            return None
+        try:
+            settings[key] = float(part[len(key) :])
+        except ValueError as err:
+            raise ValueError(f"augmentation.auto_augment={name}: cannot read {part!r}") from err
+    if settings["inc"] != 1:
+        return None
+    return settings
+
+
+def build_auto_augment(name: str, image_size: int, mean: Sequence[float]) -> nn.Module:
+    """The policy called ``name`` (timm's naming), as a module on (3, H, W) uint8 tensors."""
+    fill = [round(255 * m) for m in mean]
+    if name == "original":
+        return v2.AutoAugment(
+            v2.AutoAugmentPolicy.IMAGENET, interpolation=v2.InterpolationMode.BILINEAR, fill=fill
+        )
+    settings = _parse_rand(name) if name.startswith("rand") else None
+    if settings is not None:
+        std = math.inf if settings["mstd"] > 100 else settings["mstd"]
+        return RandAugment(
+            magnitude=settings["m"],
+            num_ops=int(settings["n"]),
+            prob=settings["p"],
+            magnitude_std=std,
+            magnitude_max=settings["mmax"],
+            fill=fill,
+        )
+    from timm.data.auto_augment import (
+        augment_and_mix_transform,
+        auto_augment_transform,
+        rand_augment_transform,
+    )
+    from timm.data.auto_augment import posterize as timm_posterize
+
+    hparams = {"translate_const": int(image_size * 0.45), "img_mean": tuple(fill)}
+    builder = {"rand": rand_augment_transform, "augmix": augment_and_mix_transform}.get(
+        name.split("-")[0], auto_augment_transform
+    )
+    try:
+        policy = builder(name, hparams)
+    except (AssertionError, KeyError, ValueError) as err:
+        raise ValueError(
+            f"augmentation.auto_augment={name!r} is not a timm policy ({err or 'unknown name'}); "
+            "e.g. rand-m9-mstd0.5-inc1, original, v0, augmix-m5-w3, or null"
+        ) from err
+    # timm's posterize can ask Pillow for 0 bits, which recent Pillow rejects: swap in one that accepts it
+    ops = getattr(policy, "ops", None) or [op for sub in getattr(policy, "policy", []) for op in sub]
+    for op in ops:
+        if getattr(op, "aug_fn", None) is timm_posterize:
+            op.aug_fn = _posterize
+    return TimmPilPolicy(name, policy)
+
+
+def _posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, also for 0 bits kept (a black image), which newer Pillow refuses."""
+    if bits_to_keep >= 8:
+        return image
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return ImageOps.posterize(image, bits_to_keep)
 
 
 def build_train_transform(
     aug_cfg, image_size: int, mean: Sequence[float], std: Sequence[float]
 ) -> v2.Compose:
-    """Random resized crop, flips and optional colour jitter on a (3, H, W) uint8 tensor."""
+    """Random resized crop, flips, auto-augment policy, colour jitter, normalisation, random erasing.
+
+    (3, H, W) uint8 in, (3, image_size, image_size) float out; on any device.
+    """
     steps: list = [
         v2.RandomResizedCrop(
             image_size, scale=tuple(aug_cfg.scale), ratio=tuple(aug_cfg.ratio), antialias=True
@@ -22,11 +216,51 @@ def build_train_transform(
         steps.append(v2.RandomHorizontalFlip(aug_cfg.hflip))
     if aug_cfg.vflip > 0:
         steps.append(v2.RandomVerticalFlip(aug_cfg.vflip))
+    if aug_cfg.auto_augment:
+        steps.append(build_auto_augment(aug_cfg.auto_augment, image_size, mean))
     if aug_cfg.color_jitter > 0:
         s = aug_cfg.color_jitter
         steps.append(v2.ColorJitter(brightness=s, contrast=s, saturation=s))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    erase = aug_cfg.random_erase
+    if erase.prob > 0:
+        if erase.mode not in ERASE_MODES:
+            raise ValueError(
+                f"augmentation.random_erase.mode={erase.mode!r}; valid modes: {', '.join(ERASE_MODES)}"
+            )
+        steps.append(
+            v2.RandomErasing(
+                p=erase.prob, scale=tuple(erase.area), ratio=(0.3, 1 / 0.3), value=ERASE_MODES[erase.mode]
+            )
+        )
     return v2.Compose(steps)
+
+
+def build_load_transform(size: int) -> v2.Compose:
+    """Deterministic: resize the short side to ``size`` and centre-crop a square; stays uint8."""
+    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+
+
+def build_image_transforms(
+    aug_cfg, image_size: int, mean: Sequence[float], std: Sequence[float]
+) -> tuple[v2.Compose, v2.Compose | None]:
+    """(what the loader workers apply to a training image, what the training step applies on the device).
+
+    ``augmentation.device=cpu``: workers run the whole random pipeline, the step nothing (None).
+    ``augmentation.device=gpu``: workers only resize to ``load_size`` (a fixed size, so images batch),
+    the step runs the same random pipeline on the batch's device.
+    """
+    train = build_train_transform(aug_cfg, image_size, mean, std)
+    if aug_cfg.device == "cpu":
+        return train, None
+    if aug_cfg.device == "gpu":
+        return build_load_transform(load_size_for(aug_cfg, image_size)), train
+    raise ValueError(f"augmentation.device must be cpu or gpu, got {aug_cfg.device!r}")
+
+
+def load_size_for(aug_cfg, image_size: int) -> int:
+    """``augmentation.load_size``, or by default ``image_size / 0.875`` (256 px for 224)."""
+    return aug_cfg.load_size or math.floor(image_size / 0.875 + 0.5)
 
 
 def build_eval_transform(
