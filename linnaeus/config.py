@@ -24,6 +24,16 @@ class SamplerConfig:
 
 
 @dataclass
+class MetaMaskConfig:
+    full_prob: float = MISSING
+    partial_prob: float = MISSING
+    components: list[str] | None = MISSING  # maskable components; null = all
+    schedule: str = MISSING  # constant | linear | step
+    end_factor: float = MISSING
+    step_fraction: float = MISSING
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     labels: str | None = MISSING
@@ -48,15 +58,45 @@ class DataConfig:
     max_bad_images: int = MISSING
     max_bad_fraction: float = MISSING
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    meta_mask: MetaMaskConfig = field(default_factory=MetaMaskConfig)
+
+
+@dataclass
+class RandomEraseConfig:
+    prob: float = MISSING
+    mode: str = MISSING  # pixel | const
+    area: list[float] = MISSING  # erased area fraction range
+
+
+@dataclass
+class MixupConfig:
+    alpha: float = MISSING
+    prob: float = MISSING
+
+
+@dataclass
+class CutmixConfig:
+    alpha: float = MISSING
+    prob: float = MISSING
+    minmax: list[float] | None = MISSING  # box side fraction range; overrides alpha
 
 
 @dataclass
 class AugmentationConfig:
+    device: str = MISSING  # cpu (loader workers) | gpu (training step, on the batch's device)
+    load_size: int | None = MISSING  # device=gpu: workers resize to this square; null = image_size / 0.875
     scale: list[float] = MISSING
     ratio: list[float] = MISSING
     hflip: float = MISSING
     vflip: float = MISSING
     color_jitter: float = MISSING
+    auto_augment: str | None = MISSING  # timm policy name
+    random_erase: RandomEraseConfig = field(default_factory=RandomEraseConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    cutmix: CutmixConfig = field(default_factory=CutmixConfig)
+    switch_prob: float = MISSING
+    group_rank: str | None = MISSING  # task key whose classes are mixed together; null = finest
+    exclude_null: bool = MISSING
 
 
 @dataclass
@@ -67,10 +107,45 @@ class TaxonomySmoothingConfig:
 
 
 @dataclass
+class SoftLabelsConfig:
+    beta: float = MISSING
+
+
+@dataclass
+class HXEConfig:
+    alpha: float = MISSING
+
+
+@dataclass
+class NullLossConfig:
+    include_after: float | None = MISSING  # steps (>= 1) or fraction of total steps (< 1); null = never
+
+
+@dataclass
+class ClassWeightsConfig:
+    enabled: bool = MISSING
+    power: float = MISSING
+
+
+@dataclass
+class GradNormConfig:
+    enabled: bool = MISSING
+    alpha: float = MISSING
+    lr: float = MISSING
+    update_every: int = MISSING
+
+
+@dataclass
 class LossConfig:
+    name: str = MISSING  # ce | soft_labels | hxe (finest rank's criterion)
     label_smoothing: float = MISSING
     task_weights: list[float] | None = MISSING
     taxonomy_smoothing: TaxonomySmoothingConfig = field(default_factory=TaxonomySmoothingConfig)
+    soft_labels: SoftLabelsConfig = field(default_factory=SoftLabelsConfig)
+    hxe: HXEConfig = field(default_factory=HXEConfig)
+    null: NullLossConfig = field(default_factory=NullLossConfig)
+    class_weights: ClassWeightsConfig = field(default_factory=ClassWeightsConfig)
+    gradnorm: GradNormConfig = field(default_factory=GradNormConfig)
 
 
 @dataclass
@@ -114,10 +189,12 @@ class TrainConfig:
     accumulate: int = MISSING
     grad_clip: float | None = MISSING
     compile: bool = MISSING
+    channels_last: bool = MISSING  # model and images in channels-last memory format
     device: str = MISSING  # auto | cpu | cuda | cuda:N
     log_every: int = MISSING
     val_every: int = MISSING  # steps; 0 = at the end of every epoch
     limit_val_batches: int | None = MISSING
+    val_mask_components: bool = MISSING  # also validate with each metadata component masked
 
 
 @dataclass

@@ -10,6 +10,7 @@ import math
 import random
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from linnaeus.augment import build_train_batch_transform, describe
+from linnaeus.augment.preview import first_samples, save_sample_grid
 from linnaeus.checkpoint import (
     CheckpointError,
     capture_rng,
@@ -41,6 +44,8 @@ from linnaeus.logger import NullLogger, RunLogger
 from linnaeus.losses import build_loss
 from linnaeus.metrics import MetricAccumulator
 from linnaeus.models import build_model
+from linnaeus.models.memory_format import ChannelsLastInputs
+from linnaeus.models.pretrained import load_pretrained
 from linnaeus.optim import build_optimizer
 from linnaeus.schedule import lr_multiplier, warmup_steps_for
 
@@ -64,40 +69,54 @@ def move_batch(batch: dict, device: torch.device) -> dict:
         "targets": batch["targets"].to(device, non_blocking=True),
         "meta": {k: v.to(device, non_blocking=True) for k, v in batch["meta"].items()},
         "meta_valid": {k: v.to(device, non_blocking=True) for k, v in batch["meta_valid"].items()},
+        "index": batch["index"],  # stays on the CPU: seeds per-sample augmentation on the device
     }
 
 
-def without_meta(batch: dict) -> dict:
-    """The same batch with every metadata component marked missing."""
+def without_meta(batch: dict, components: Sequence[str] | None = None) -> dict:
+    """The same batch with the named metadata components (default: all) marked missing."""
+    names = batch["meta"].keys() if components is None else components
     return {
         **batch,
-        "meta": {k: torch.zeros_like(v) for k, v in batch["meta"].items()},
-        "meta_valid": {k: torch.zeros_like(v) for k, v in batch["meta_valid"].items()},
+        "meta": {k: torch.zeros_like(v) if k in names else v for k, v in batch["meta"].items()},
+        "meta_valid": {k: v & (k not in names) for k, v in batch["meta_valid"].items()},
     }
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fn, taxonomy: Taxonomy, device, autocast, limit: int | None = None) -> dict:
-    """Validation metrics with metadata as given (``val/...``) and fully masked (``val_nometa/...``)."""
+def evaluate(
+    model,
+    loader,
+    loss_fn,
+    taxonomy: Taxonomy,
+    device,
+    autocast,
+    limit: int | None = None,
+    mask_each: Sequence[str] = (),
+) -> dict:
+    """Validation metrics with metadata as given (``val/...``), fully masked (``val_nometa/...``) and
+    with each component of ``mask_each`` masked on its own (``val_no_<component>/...``)."""
     model.eval()
-    normal, masked = MetricAccumulator(taxonomy, device), MetricAccumulator(taxonomy, device)
+    # prefix -> components to mask (None = all)
+    views = {"val": (), "val_nometa": None, **{f"val_no_{name}": [name] for name in mask_each}}
+    accs = {prefix: MetricAccumulator(taxonomy, device) for prefix in views}
     for i, batch in enumerate(loader):
         if limit is not None and i >= limit:
             break
         batch = move_batch(batch, device)
-        for acc, b in ((normal, batch), (masked, without_meta(batch))):
+        for prefix, masked in views.items():
+            b = without_meta(batch, masked)
             with autocast:
                 logits = model(b["images"], b["meta"], b["meta_valid"])
                 loss, _ = loss_fn(logits, b["targets"])
-            acc.update(logits, b["targets"], loss)
+            accs[prefix].update(logits, b["targets"], loss)
     model.train()
-    out = {f"val/{k}": v for k, v in normal.compute().items()}
-    out.update({f"val_nometa/{k}": v for k, v in masked.compute().items()})
-    return out
+    return {f"{prefix}/{k}": v for prefix, acc in accs.items() for k, v in acc.compute().items()}
 
 
 def checkpoint_state(
     model,
+    loss_fn,
     optimizer,
     scaler,
     state: TrainState,
@@ -109,6 +128,7 @@ def checkpoint_state(
     return {
         "version": 1,
         "model": model.state_dict(),
+        "loss": loss_fn.state_dict(),  # GradNorm task weights and their optimizer
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "train_state": asdict(state),
@@ -178,9 +198,11 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     if is_main:
         taxonomy.save(run_dir / "taxonomy.json")
 
-    model = build_model(cfg.model, taxonomy.num_classes, data.meta_dims).to(device)
+    model = build_model(cfg.model, taxonomy.num_classes, data.meta_dims, taxonomy)
+    if resumed is None and cfg.model.get("pretrained"):  # a resumed run has its own weights
+        load_pretrained(model, cfg.model.pretrained, taxonomy)
+    model = model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else None)
     optimizer = build_optimizer(model, cfg.optimizer)
-    loss_fn = build_loss(cfg.loss, taxonomy.num_tasks, taxonomy.null_index).to(device)
     amp_dtype = PRECISIONS[cfg.train.precision]
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
@@ -191,12 +213,30 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps) if cfg.train.epochs > 0 else cfg.train.max_steps
     warmup = warmup_steps_for(total_steps, cfg.scheduler.warmup_steps, cfg.scheduler.warmup_fraction)
+    loss_fn = build_loss(cfg.loss, taxonomy, data.class_counts, total_steps=total_steps).to(device)
+    # GradNorm balances the ranks' gradients on the last layer that all heads share
+    shared_params = list(model.shared_parameters()) if hasattr(model, "shared_parameters") else []
+    if cfg.loss.gradnorm.enabled and not shared_params:
+        raise ValueError(f"loss.gradnorm needs {type(model).__name__}.shared_parameters(); it has none")
+    # what the step does to a batch before the forward pass: device augmentation, mixing, metadata masking
+    batch_transform = build_train_batch_transform(
+        cfg,
+        data.step_transform,
+        task_keys=taxonomy.task_keys,
+        null_index=taxonomy.null_index,
+        meta_components=list(data.meta_dims),
+        total_steps=total_steps,
+        device=device,
+        rank=dist_info.rank,
+    )
 
     state = TrainState()
     run_id = None
     if resumed is not None:
         ckpt, ckpt_path = resumed
         model.load_state_dict(ckpt["model"])
+        if "loss" in ckpt:
+            loss_fn.load_state_dict(ckpt["loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         state = TrainState(**ckpt["train_state"])
@@ -216,6 +256,8 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         )  # dropout differs per rank; weights were made identical above
 
     raw_model = model
+    if cfg.train.channels_last:  # converts the images; the weights were converted above
+        model = ChannelsLastInputs(model)
     if cfg.train.compile:
         model = torch.compile(model)
     if dist_info.is_distributed:
@@ -249,11 +291,17 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         cfg.train.precision,
         device,
     )
+    log.info("%s", describe(cfg, batch_transform))
+    if is_main and cfg.logger.plots:  # the first batch as the model will see it
+        head = first_samples(data.train_loader.dataset, data.train_batches, state.epoch)
+        head = batch_transform(move_batch(head, device), step=state.step, epoch=state.epoch, micro=0)
+        grid = save_sample_grid(head, run_dir / "plots/augmented_samples.png", cfg.data.mean, cfg.data.std)
+        logger.log_image("train/augmented_samples", grid, state.step)
+    mask_each = list(data.meta_dims) if cfg.train.val_mask_components else []
 
     def validate() -> dict:
-        metrics = evaluate(
-            model, data.val_loader, loss_fn, taxonomy, device, autocast, cfg.train.limit_val_batches
-        )
+        limit = cfg.train.limit_val_batches
+        metrics = evaluate(model, data.val_loader, loss_fn, taxonomy, device, autocast, limit, mask_each)
         logger.log(metrics, state.step, state.epoch)
         logger.plot()
         shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("val/top1", "val_nometa/top1"))}
@@ -269,7 +317,9 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
                 state.best_value = value
         rng = gather_rng(dist_info)
         if is_main:
-            payload = checkpoint_state(raw_model, optimizer, scaler, state, cfg, taxonomy, run_id, rng)
+            payload = checkpoint_state(
+                raw_model, loss_fn, optimizer, scaler, state, cfg, taxonomy, run_id, rng
+            )
             save_checkpoint(payload, ckpt_dir, state.step, cfg.checkpoint.keep_last, is_best=is_best)
 
     # ------------------------------------------------------------------ loop
@@ -302,6 +352,7 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
             if group_left == 0:  # first micro-batch of an optimizer step
                 group_left = min(cfg.train.accumulate, micro_per_epoch - micro)
                 group_size = group_left
+                loss_fn.set_step(state.step)
                 for group in optimizer.param_groups:
                     group["lr"] = group["base_lr"] * lr_multiplier(
                         state.step,
@@ -311,11 +362,14 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
                         min_ratio=cfg.scheduler.min_lr_ratio,
                     )
             batch = move_batch(batch, device)
+            batch = batch_transform(batch, step=state.step, epoch=state.epoch, micro=micro)
             group_left -= 1
             sync = group_left == 0 or not dist_info.is_distributed
             with nullcontext() if sync else model.no_sync(), autocast:
                 logits = model(batch["images"], batch["meta"], batch["meta_valid"])
-                loss, task_losses = loss_fn(logits, batch["targets"])
+                loss, task_losses = loss_fn(logits, batch["targets"], batch["targets_b"], batch["lam"])
+            if group_left == 0:  # GradNorm learns from the last micro-batch, before backward frees the graph
+                loss_fn.update_task_weights(state.step, shared_params, loss_scale=scaler.get_scale())
             scaler.scale(loss / group_size).backward()
             micro += 1
             # accumulated on the device: no host sync per step
@@ -353,6 +407,12 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
                     {
                         f"train/loss/{k}": v / n
                         for k, v in zip(taxonomy.task_keys, window["task_loss"].tolist())
+                    }
+                )
+                train_metrics.update(
+                    {
+                        f"train/task_weight/{k}": v
+                        for k, v in zip(taxonomy.task_keys, loss_fn.current_task_weights().tolist())
                     }
                 )
                 logger.log(train_metrics, state.step, state.epoch)

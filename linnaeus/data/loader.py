@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from linnaeus.data.labels import DatasetError, read_labels
 from linnaeus.data.samplers import GroupedBatchSampler, RandomBatchSampler
 from linnaeus.data.split import load_or_make_split
 from linnaeus.data.taxonomy import Taxonomy, build_taxonomy
-from linnaeus.data.transforms import build_eval_transform, build_train_transform
+from linnaeus.data.transforms import build_eval_transform, build_image_transforms
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ class DataBundle:
     num_train: int
     num_val: int
     report: dict = field(default_factory=dict)
+    # augmentation.device=gpu: the per-sample pipeline the training step applies on the device
+    step_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    class_counts: list[np.ndarray] = field(default_factory=list)  # per task: training samples per class
 
 
 def resolve_paths(data_cfg) -> tuple[Path, Path]:
@@ -130,9 +134,8 @@ def build_data(
     mean, std = list(data_cfg.mean), list(data_cfg.std)
     common = dict(store=store, identifiers=table.identifiers, image_rows=image_rows, targets=targets)
     meta = dict(meta=table.meta, meta_valid=table.meta_valid)
-    train_set = TaxonDataset(
-        **common, **meta, transform=build_train_transform(aug_cfg, data_cfg.image_size, mean, std), seed=seed
-    )
+    worker_transform, step_transform = build_image_transforms(aug_cfg, data_cfg.image_size, mean, std)
+    train_set = TaxonDataset(**common, **meta, transform=worker_transform, seed=seed)
     val_set = TaxonDataset(
         **common,
         **meta,
@@ -186,5 +189,9 @@ def build_data(
         train_batches=train_batches,
         num_train=len(train_idx),
         num_val=len(val_idx),
+        step_transform=step_transform,
+        class_counts=[
+            np.bincount(targets[train_idx, t], minlength=n) for t, n in enumerate(taxonomy.num_classes)
+        ],
         report={"taxonomy": tax_report, "labels": str(labels_path), "images": str(images_path)},
     )
