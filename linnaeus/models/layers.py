@@ -1,4 +1,5 @@
-"""Building blocks shared by the models: ConvNeXt block, 2-D RoPE attention, metadata embedding.
+"""Building blocks shared by the models: ConvNeXt block, 2-D RoPE attention, metadata embedding, and the
+default weight initialisation.
 
 Tensors follow two layouts: images and conv feature maps are channels-first ``(B, C, H, W)``;
 token sequences are ``(B, N, C)`` with image tokens in row-major grid order (index ``r * W + c``),
@@ -28,6 +29,15 @@ class LayerScale(nn.Module):
 
 def _layer_scale(dim: int, init_value: float | None) -> nn.Module:
     return LayerScale(dim, init_value) if init_value else nn.Identity()
+
+
+def init_weights(module: nn.Module) -> None:
+    """Truncated-normal weights (std 0.02) and zero biases for a linear or conv layer; other modules keep
+    their own initialisation. ``model.apply(init_weights)`` initialises every such layer of a model."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 class ConvNeXtBlock(nn.Module):

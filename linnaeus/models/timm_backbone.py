@@ -17,18 +17,18 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import timm
 import torch
-from timm.layers import trunc_normal_
 from torch import nn
 
-from linnaeus.models.heads import HeadPerTask, build_heads
-from linnaeus.models.layers import MetaEmbedding, TransformerBlock
+from linnaeus.models.base import TaxonClassifier
+from linnaeus.models.heads import HeadPerTask
+from linnaeus.models.layers import MetaEmbedding, TransformerBlock, init_weights
 from linnaeus.models.meta import gather_meta_inputs, meta_settings
 
 TIMM_META_DEFAULTS = {"enabled": True, "hidden_dim": 64, "fusion": "concat", "dim": 256, "num_heads": 4}
 FUSIONS = ("concat", "tokens")
 
 
-class TimmClassifier(nn.Module):
+class TimmClassifier(TaxonClassifier):
     """timm image features + late metadata fusion + per-rank heads."""
 
     def __init__(
@@ -48,12 +48,10 @@ class TimmClassifier(nn.Module):
         grad_checkpointing: bool = False,
         in_chans: int = 3,
     ) -> None:
-        super().__init__()
         settings = meta_settings(meta, TIMM_META_DEFAULTS)
         if settings["fusion"] not in FUSIONS:
             raise ValueError(f"model.meta.fusion must be one of {FUSIONS}, got {settings['fusion']!r}")
-        self.num_classes = list(num_classes)
-        self.meta_dims = dict(meta_dims) if settings["enabled"] else {}
+        super().__init__(num_classes, meta_dims if settings["enabled"] else {})
         self.fusion = settings["fusion"]
         extra = dict(model_kwargs or {})
         if drop_path_rate is not None:
@@ -81,32 +79,20 @@ class TimmClassifier(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         for module in (self.meta_embed, self.fuse, self.image_token, self.block):
             if module is not None:  # the backbone keeps timm's own initialisation
-                module.apply(_init_weights)
-        self.heads = build_heads(
-            self.num_features,
-            self.num_classes,
-            parents=parents,
-            head=head,
-            head_per_task=head_per_task,
-            routing=head_routing,
-            temperature=head_temperature,
-        )
+                module.apply(init_weights)
+        self.add_heads(parents, head, head_per_task, head_routing, head_temperature)
         self.set_grad_checkpointing(grad_checkpointing)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+        """Checkpointing inside the timm backbone (its own implementation)."""
+        super().set_grad_checkpointing(enable)
         self.backbone.set_grad_checkpointing(enable)
 
     def no_weight_decay(self) -> set[str]:
         """The backbone's own list (position embeddings, tokens) plus the missing-value embeddings."""
         backbone = getattr(self.backbone, "no_weight_decay", lambda: set())()
         names = {f"backbone.{name}" for name in backbone}
-        names |= {name for name, _ in self.named_parameters() if name.endswith(".missing")}
-        return names & dict(self.named_parameters()).keys()
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        """The last layer every head reads from (the final LayerNorm)."""
-        return list(self.norm.parameters())
+        return (names | super().no_weight_decay()) & dict(self.named_parameters()).keys()
 
     def forward_features(
         self,
@@ -124,22 +110,3 @@ class TimmClassifier(nn.Module):
             return self.norm(self.fuse(torch.cat([image, *tokens], dim=1)))
         x = torch.stack([self.image_token(image), *tokens], dim=1)  # (B, 1 + M, D)
         return self.norm(self.block(x)[:, 0])
-
-    def forward_head(self, features: torch.Tensor) -> list[torch.Tensor]:
-        """Features ``(B, F)`` -> one logits tensor ``(B, C_t)`` per task, coarse to fine."""
-        return self.heads(features)
-
-    def forward(
-        self,
-        images: torch.Tensor,
-        meta: Mapping[str, torch.Tensor] | None = None,
-        meta_valid: Mapping[str, torch.Tensor] | None = None,
-    ) -> list[torch.Tensor]:
-        return self.forward_head(self.forward_features(images, meta, meta_valid))
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)

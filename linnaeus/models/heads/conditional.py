@@ -18,10 +18,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from torch import nn
 
 from linnaeus.data.taxonomy import NULL_INDEX
+from linnaeus.models.heads.parents import parent_index
+from linnaeus.models.layers import init_weights
 
 ROUTINGS = ("soft", "gumbel", "hard")
 HARD_EPS = 1e-6  # log(eps) ~ -13.8: the prior of a fine class whose parent was not chosen
@@ -78,9 +79,7 @@ class ConditionalClassifierHead(nn.Module):
         self.fc = nn.Linear(in_dim, num_classes)
         self.is_root = parents is None
         if not self.is_root:
-            if len(parents) != num_classes or parent_classes is None:
-                raise ValueError(f"parent map of length {len(parents)} for {num_classes} classes")
-            self.register_buffer("parents", torch.as_tensor(np.asarray(parents), dtype=torch.long), False)
+            self.register_buffer("parents", parent_index(parents, num_classes, parent_classes), False)
             has_prior = torch.ones(num_classes)
             has_prior[NULL_INDEX] = 0.0
             self.register_buffer("has_prior", has_prior, persistent=False)
@@ -89,8 +88,7 @@ class ConditionalClassifierHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        trunc_normal_(self.fc.weight, std=0.02)
-        nn.init.zeros_(self.fc.bias)
+        init_weights(self.fc)
         if not self.is_root:
             nn.init.zeros_(self.context)
             nn.init.ones_(self.prior_scale)

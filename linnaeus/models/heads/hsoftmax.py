@@ -20,10 +20,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from torch import nn
 
 from linnaeus.data.taxonomy import NULL_INDEX
+from linnaeus.models.heads.parents import parent_index
+from linnaeus.models.layers import init_weights
 
 # The output puts the null class first and the real classes after it, in their own order.
 assert NULL_INDEX == 0, "HierarchicalSoftmaxHead assumes the null class is index 0"
@@ -64,9 +65,7 @@ class HierarchicalSoftmaxHead(nn.Module):
         if self.is_root:
             self.fc = nn.Linear(in_dim, num_classes)
         else:
-            if len(parents) != num_classes or parent_classes is None:
-                raise ValueError(f"parent map of length {len(parents)} for {num_classes} classes")
-            real_parents = torch.as_tensor(np.asarray(parents)[1:], dtype=torch.long)  # (C - 1,)
+            real_parents = parent_index(parents, num_classes, parent_classes)[1:]  # (C - 1,)
             groups = torch.cat([real_parents, torch.arange(parent_classes)])  # real classes, then null leaves
             self.register_buffer("real_parents", real_parents, persistent=False)
             self.register_buffer("groups", groups, persistent=False)
@@ -75,8 +74,7 @@ class HierarchicalSoftmaxHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        trunc_normal_(self.fc.weight, std=0.02)
-        nn.init.zeros_(self.fc.bias)
+        init_weights(self.fc)
 
     def tree_log_probs(
         self, features: torch.Tensor, previous: torch.Tensor

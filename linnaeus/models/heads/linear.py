@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import trunc_normal_
 from torch import nn
+
+from linnaeus.models.layers import init_weights
 
 
 class LinearHead(nn.Module):
@@ -18,8 +19,7 @@ class LinearHead(nn.Module):
     def reset_parameters(self) -> None:
         # Small weights and zero bias: every class starts equally likely, so the first steps of the
         # loss are not dominated by an arbitrary initial preference.
-        trunc_normal_(self.fc.weight, std=0.02)
-        nn.init.zeros_(self.fc.bias)
+        init_weights(self.fc)
 
     def forward(self, features: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
         return self.fc(features)  # (B, C)
