@@ -204,6 +204,12 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     model = model.to(device, memory_format=torch.channels_last if cfg.train.channels_last else None)
     optimizer = build_optimizer(model, cfg.optimizer)
     amp_dtype = PRECISIONS[cfg.train.precision]
+    if amp_dtype is not None and device.type == "cpu":
+        log.warning(
+            "train.precision=%s on the CPU: most CPUs emulate half precision and run it many times slower "
+            "than fp32 (docs/BENCHMARKS.md); train.precision=32 is the fast choice here",
+            cfg.train.precision,
+        )
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
 
