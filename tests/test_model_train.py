@@ -22,7 +22,8 @@ from tests.test_models import MODEL_CONFIGS
 # One config per model family in the default suite (each run ~6-9 s on two idle CPU cores). The other sizes
 # run the same code and are marked slow: md ~10 s, v0_md ~11 s, v0_lg ~16 s, lg ~25 s, xl over a minute.
 FAST_MODELS = {"mformer_xs", "mformer_v0_sm", "timm"}
-QUIET = ["logger.wandb.mode=disabled", "logger.plots=false"]
+# one kept checkpoint: an xl checkpoint with its optimizer state is ~5 GB
+QUIET = ["logger.wandb.mode=disabled", "logger.plots=false", "checkpoint.keep_last=1"]
 
 
 def train(run_dir: Path, model: str, *overrides: str) -> list[dict]:
