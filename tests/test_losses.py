@@ -184,8 +184,12 @@ def test_alpha_alone_turns_taxonomy_smoothing_on_and_enabled_without_alpha_fails
 def test_soft_labels_by_hand():
     anc = torch.as_tensor(toy_taxonomy().ancestors[2])
     q = soft_label_targets(anc, torch.tensor([1]), beta=1.0, null_index=0)
-    z = 1 + E(-2) + E(-4) + E(-6)
-    assert q[0].tolist() == pytest.approx([0.0, 1 / z, E(-2) / z, E(-4) / z, E(-6) / z])
+    # the paper's distance: LCA height / tree height = hops / (2 x 3 ranks): 0, 1/3, 2/3, 1
+    z = 1 + E(-1 / 3) + E(-2 / 3) + E(-1)
+    assert q[0].tolist() == pytest.approx([0.0, 1 / z, E(-1 / 3) / z, E(-2 / 3) / z, E(-1) / z])
+    # beta = 30 from the paper: a sibling keeps e^-10 of the true class's mass, whatever the depth
+    q30 = soft_label_targets(anc, torch.tensor([1]), beta=30.0, null_index=0)
+    assert (q30[0, 2] / q30[0, 1]).item() == pytest.approx(E(-10), rel=1e-4)
     tax = toy_taxonomy()
     logits, targets = random_batch(tax, 3)
     loss_fn = build_loss(loss_config("loss=soft_labels", "loss.soft_labels.beta=1.0"), tax)
@@ -201,14 +205,17 @@ def test_hierarchical_cross_entropy_by_hand():
     p = torch.softmax(logits, 1)[0].tolist()
     species, genus, order = p[1], p[1] + p[2], p[1] + p[2] + p[3]
     alpha = 0.5
+    # each edge of the true path weighted by exp(-alpha * its depth below the root): order 1, genus 2, species 3
     want = -(
-        math.log(species / genus) + E(-alpha) * math.log(genus / order) + E(-2 * alpha) * math.log(order)
+        E(-3 * alpha) * math.log(species / genus)
+        + E(-2 * alpha) * math.log(genus / order)
+        + E(-alpha) * math.log(order)
     )
     got = hierarchical_cross_entropy(logits, torch.tensor([1]), anc, alpha, 0)
     assert got.item() == pytest.approx(want, rel=1e-5)
     # target s4 (O2 > G3 > s4): its genus and order hold s4 alone
     got4 = hierarchical_cross_entropy(logits, torch.tensor([4]), anc, alpha, 0)
-    assert got4.item() == pytest.approx(-E(-2 * alpha) * math.log(p[4]), rel=1e-5)
+    assert got4.item() == pytest.approx(-E(-alpha) * math.log(p[4]), rel=1e-5)
     # alpha = 0 telescopes to plain cross-entropy
     targets = torch.tensor([1, 2, 3, 4])
     many = torch.randn(4, 5)
@@ -216,6 +223,60 @@ def test_hierarchical_cross_entropy_by_hand():
         hierarchical_cross_entropy(many, targets, anc, 0.0, 0),
         F.cross_entropy(many, targets, reduction="none"),
     )
+
+
+def half_mass_logits(true: int, other: int, classes: int = 5) -> torch.Tensor:
+    """Logits of a prediction with half of the mass on ``true`` and half on ``other``."""
+    probs = torch.full((1, classes), 1e-9)
+    probs[0, true] = probs[0, other] = 0.5
+    return probs.log()
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 1.0, 2.0])
+def test_hxe_makes_far_mistakes_cost_more_than_near_ones(alpha):
+    # toy tree: s1, s2 siblings in G1; s3 in G2 (same order O1); s4 in another order
+    anc = torch.as_tensor(toy_taxonomy().ancestors[2])
+    target = torch.tensor([1])
+    cost = {
+        other: hierarchical_cross_entropy(half_mass_logits(1, other), target, anc, alpha, 0).item()
+        for other in (2, 3, 4)
+    }
+    assert cost[2] < cost[3] < cost[4]  # sibling < same order, other genus < other order
+    # the distance-weighted property holds against cross-entropy too: CE is blind to where the mass goes
+    ce = [F.cross_entropy(half_mass_logits(1, other), target).item() for other in (2, 3, 4)]
+    assert max(ce) - min(ce) < 1e-6
+
+
+def test_soft_label_distance_matches_taxonomy_distance_normalised():
+    tax = synthetic_taxonomy(300)
+    anc = torch.as_tensor(tax.ancestors[3])
+    targets = torch.arange(1, 30)
+    q = soft_label_targets(anc, targets, beta=4.0, null_index=0)
+    d = tax.distance(3, targets[:, None], torch.arange(tax.num_classes[3])[None, :]).float() / (2 * 4)
+    want = torch.softmax(-4.0 * d[:, 1:], dim=1)
+    assert torch.allclose(q[:, 1:], want, atol=1e-6)
+
+
+def test_taxonomy_distance_and_lca_distance_agree_with_unknown_ancestors():
+    # family F1 > (unknown genus) > species a, b; F1 > genus G1 > c; family F2 > G2 > d
+    tax = Taxonomy(
+        ["taxa_L30", "taxa_L20", "taxa_L10"],
+        [np.array([0, 1, 2]), np.array([0, 11, 12]), np.array([0, 21, 22, 23, 24])],
+        [["?", "F1", "F2"], ["?", "G1", "G2"], ["?", "a", "b", "c", "d"]],
+        [None, np.array([0, 1, 2]), np.array([0, 0, 0, 1, 2])],
+    )
+    anc = torch.as_tensor(tax.ancestors[2])
+    pairs = torch.cartesian_prod(torch.arange(1, 5), torch.arange(1, 5))
+    by_taxonomy = tax.distance(2, pairs[:, 0], pairs[:, 1])
+    by_loss = lca_distance(anc, pairs[:, 0], 0)[torch.arange(len(pairs)), pairs[:, 1]]
+    assert torch.equal(by_taxonomy.long(), by_loss.long())
+    a, b = torch.tensor([1]), torch.tensor([2])
+    # a and b hang below an unknown genus, so no known ancestor is recorded for them: an unknown
+    # ancestor is never shared, and they are as far apart as the tree allows (before: 2, "siblings")
+    assert tax.ancestors[2][1].tolist()[:2] == [0, 0]
+    assert tax.distance(2, a, b).item() == 6
+    assert tax.distance(2, torch.tensor([3]), torch.tensor([4])).item() == 6  # different families
+    assert tax.distance(2, torch.tensor([3]), torch.tensor([3])).item() == 0
 
 
 def test_hxe_loss_config_acts_on_the_finest_rank_only():

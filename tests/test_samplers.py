@@ -148,6 +148,27 @@ def test_strict_group_batches_hold_one_group() -> None:
     assert sum(1 for b in batches if group_of[b[0]] in singletons) == len(singletons) == 2
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_strict_group_batch_order_is_shuffled_every_epoch_and_shared_by_ranks(world_size: int) -> None:
+    indices, groups = make_data()
+    group_of = dict(zip(indices.tolist(), groups.tolist()))
+    orders = []
+    for epoch in range(3):
+        per_rank = [
+            epoch_batches(build("strict-group", rank, world_size), epoch) for rank in range(world_size)
+        ]
+        # rank r holds batches r, r + W, ... of one global order: interleave them back
+        merged = [b for batches in zip(*per_rank) for b in batches]
+        orders.append([group_of[b[0]] for b in merged])
+    for order in orders:
+        first_seen = list(dict.fromkeys(order))
+        assert first_seen != sorted(first_seen)  # not class 0's batches, then class 1's, ...
+        # a group's batches are spread over the epoch, not all in one run
+        runs = sum(1 for a, b in zip(order, order[1:]) if a != b) + 1
+        assert runs > len(first_seen)
+    assert orders[0] != orders[1] != orders[2]
+
+
 def split_pairs(batch: list[int], group_of: dict[int, int]) -> tuple[list[tuple[int, int]], list[int]]:
     """Leading same-group pairs at (2i, 2i + 1), then the singletons."""
     k = 0

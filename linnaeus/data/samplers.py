@@ -232,6 +232,7 @@ class GroupedBatchSampler(_EpochSampler):
 
     def _rank_batches(self, rng: np.random.Generator) -> list[np.ndarray]:
         flat, bounds = self._global_batches(rng)
-        order = np.arange(self._num_batches)
+        # a fresh batch order every epoch, the same on every rank (one seed per epoch)
+        order = rng.permutation(self._num_batches)
         order = order[np.arange(len(self) * self.world_size) % self._num_batches]  # pad with first batches
         return [flat[bounds[b] : bounds[b + 1]] for b in order[self.rank :: self.world_size]]

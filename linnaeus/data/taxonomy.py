@@ -22,6 +22,25 @@ NULL_INDEX = 0
 NULL_NAME = "<unknown>"
 
 
+def lca_distance_between(chain_a: torch.Tensor, chain_b: torch.Tensor, null_index: int) -> torch.Tensor:
+    """The one definition of tree distance: ``2 * (L - depth(LCA))`` between ancestor chains.
+
+    ``chain_a`` (..., L) and ``chain_b`` (..., L) broadcast against each other (row: a class's ancestor
+    at every rank, coarse to fine, the class itself last). The LCA is the deepest rank whose ancestors
+    are equal and known; an unknown (null) ancestor is never shared. Both classes climb the same
+    number of levels to it, so the distance is 0 for the class itself and ``2 * L`` when no known
+    ancestor is shared. Works one rank at a time: memory is one broadcast slice, never (..., L) x C.
+    """
+    levels = chain_a.shape[-1]
+    depth = None
+    for level in range(levels):  # coarse -> fine: the deepest shared level wins
+        a, b = chain_a[..., level], chain_b[..., level]
+        shared = (a == b) & (a != null_index)
+        level_depth = shared.to(torch.int32) * (level + 1)
+        depth = level_depth if depth is None else torch.maximum(depth, level_depth)
+    return 2 * (levels - depth)
+
+
 @dataclass
 class Conflict:
     """One inconsistency in the labels, with the rows it concerns."""
@@ -90,14 +109,11 @@ class Taxonomy:
         return self._ancestor_tensors[key]
 
     def distance(self, task: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Tree distance between classes ``a`` and ``b`` of one task, through their lowest common ancestor.
-
-        Both walk up the same number of levels to the LCA, so the distance is twice the number of
-        tasks (this one included) at which their ancestors differ; 0 for equal classes and
-        ``2 * (task + 1)`` when they share no ancestor at all.
-        """
+        """Tree distance between classes ``a`` and ``b`` of one task, through their lowest common ancestor:
+        ``2 * (task + 1 - depth(LCA))``, 0 for equal classes and ``2 * (task + 1)`` when they share no
+        known ancestor. The same definition the losses use (``lca_distance_between``)."""
         anc = self.ancestors_tensor(task, a.device)
-        return 2 * (anc[a] != anc[b]).sum(dim=-1)
+        return lca_distance_between(anc[a], anc[b], self.null_index)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
@@ -225,6 +241,14 @@ def build_taxonomy(table: LabelTable, on_conflict: str = "error") -> tuple[Taxon
     """
     if on_conflict not in ("error", "drop"):
         raise ValueError(f"data.on_conflict must be 'error' or 'drop', got {on_conflict!r}")
+    empty = [key for t, key in enumerate(table.task_keys) if not (table.taxa[:, t] > 0).any()]
+    if empty:
+        others = [key for key in table.task_keys if key not in empty]
+        fix = f"leave it out with data.task_keys=[{','.join(others)}]" if others else "rebuild the labels"
+        raise DatasetError(
+            f"{table.path}: rank(s) {', '.join(empty)} have no known label in any row (every id is 0, unknown); "
+            f"a classifier cannot learn them: {fix}"
+        )
     conflicts: list[Conflict] = []
     if table.taxonomy is not None:
         parent_maps = _parents_from_taxonomy_group(table, conflicts)

@@ -13,22 +13,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from linnaeus.data.taxonomy import lca_distance_between
+
 
 def lca_distance(ancestors: torch.Tensor, targets: torch.Tensor, null_index: int) -> torch.Tensor:
-    """Tree distance from each target to every class of its rank, through their lowest common ancestor.
+    """Tree distance from each target to every class of its rank (``lca_distance_between``).
 
-    ``ancestors`` (C, L), ``targets`` (B,) -> (B, C) int. Both classes climb the same number of levels
-    to the LCA, so the distance is ``2 * (L - depth(LCA))`` (depth 1 = the coarsest rank): 0 for the
-    class itself, ``2 * L`` when no known ancestor is shared. An unknown (null) ancestor is never shared.
+    ``ancestors`` (C, L), ``targets`` (B,) -> (B, C) int.
     """
-    levels = ancestors.shape[1]
-    target_chain = ancestors[targets]  # (B, L)
-    depth = torch.zeros(targets.shape[0], ancestors.shape[0], dtype=torch.int32, device=targets.device)
-    for level in range(levels):  # coarse -> fine: the deepest shared level wins
-        node = target_chain[:, level : level + 1]  # (B, 1)
-        shared = (ancestors[:, level].unsqueeze(0) == node) & (node != null_index)  # (B, C)
-        depth.masked_fill_(shared, level + 1)
-    return 2 * (levels - depth)
+    return lca_distance_between(ancestors[targets].unsqueeze(1), ancestors.unsqueeze(0), null_index)
 
 
 def _null_rows_one_hot(probs: torch.Tensor, targets: torch.Tensor, null_index: int) -> torch.Tensor:
@@ -64,8 +57,13 @@ def taxonomy_smoothing_targets(
 def soft_label_targets(
     ancestors: torch.Tensor, targets: torch.Tensor, beta: float, null_index: int
 ) -> torch.Tensor:
-    """Soft labels of Bertinetto et al. (2020): ``softmax(-beta * d)`` over the real classes. (B, C)"""
-    scores = -beta * lca_distance(ancestors, targets, null_index).float()
+    """Soft labels of Bertinetto et al. (2020): ``softmax(-beta * d)`` over the real classes. (B, C)
+
+    ``d`` is the paper's normalised distance, the height of the lowest common ancestor divided by the
+    tree height (``lca_distance / (2 L)``, in [0, 1]), so β values from the paper carry over.
+    """
+    height = 2 * ancestors.shape[1]
+    scores = -beta * lca_distance(ancestors, targets, null_index).float() / height
     scores[:, null_index] = float("-inf")
     return _null_rows_one_hot(torch.softmax(scores, dim=1), targets, null_index)
 
@@ -80,8 +78,10 @@ def hierarchical_cross_entropy(
 ) -> torch.Tensor:
     """Hierarchical cross-entropy (Bertinetto et al. 2020) at the finest rank. (B,)
 
-    ``-sum_l exp(-alpha * h_l) * log p(node_l | node_{l-1})`` along the true path, h_l the height of
-    the node above the finest rank (0 for the class itself, so alpha = 0 gives plain cross-entropy).
+    ``-sum_l exp(-alpha * depth_l) * log p(node_l | node_{l-1})`` along the true path, depth_l the
+    depth of the node below the root (1 at the coarsest rank), as in the authors' implementation: the
+    coarse edges weigh most, so a mistake outside the true family costs more than one inside the true
+    genus. With alpha = 0 the terms telescope to plain cross-entropy.
     A node's probability is the sum of the softmax probabilities of the finest classes below it. A
     rank where the true path is unknown (null) adds no term: the next known rank conditions on the
     last known ancestor. A null target (once null is a class) gets ``-log p(null)``.
@@ -99,6 +99,6 @@ def hierarchical_cross_entropy(
             below = ancestors[:, level].unsqueeze(0) == node.unsqueeze(1)  # (B, C), never empty
             log_node = torch.logsumexp(log_probs.masked_fill(~below, float("-inf")), dim=1)
         log_node = torch.where(node != null_index, log_node, previous)
-        loss = loss - math.exp(-alpha * (levels - 1 - level)) * (log_node - previous)
+        loss = loss - math.exp(-alpha * (level + 1)) * (log_node - previous)
         previous = log_node
     return torch.where(targets == null_index, -log_probs[:, null_index], loss)
