@@ -2,19 +2,35 @@
 
     python scripts/bench_loader.py                       # demo data and a synthetic 224 px JPEG set
     python scripts/bench_loader.py --aug default none strong --workers 0 2 --batches 20
+    python scripts/bench_loader.py --compare             # against torchvision's ImageFolder (below)
+    python scripts/bench_loader.py --decoders            # PIL vs torchvision decode, DCT downscaling
 
 For each dataset, augmentation option and worker count, builds the real training loader with
 ``build_data`` (config composed as ``train.py`` would) and times ``--batches`` batches after two untimed
 ones (worker start-up), with one torch thread in the main process (``--threads``), as in each
-worker. Datasets: the built-in demo (48 px PNGs, trained at 32 px) and a synthetic
-``images.h5`` of ``--images`` 224 x 224 JPEGs written to a temporary folder (trained at 224 px).
+worker. Timed is the loader alone: uint8 batches, as the trainer moves them to the device, where
+``DataBundle.prepare`` normalises them (``--with-prepare`` adds that step on this CPU, as CPU-only
+training pays it; ``--compare`` prints its cost per image). Datasets: the built-in demo (48 px PNGs, trained at 32 px) and a
+synthetic ``images.h5`` of ``--images`` 224 x 224 JPEGs written to a temporary folder (trained at 224 px).
+
+``--compare`` builds two real-image datasets in a temporary folder and times, for 0 and 2 workers
+with the same augmentation: torchvision's ``ImageFolder`` + ``DataLoader`` on the image files (PIL
+loader; the same uint8 augmentation, then float conversion and normalisation in the workers, as such
+a script does), our hybrid mode (labels.h5 + the same files), our images.h5 in the ``vlen`` and the
+``contiguous`` layout, our RAM cache (``data.cache=ram``), and the decode-only limit: one process
+that only decodes the same bytes (torchvision ``decode_image``, from memory). Datasets: Fashion-MNIST
+as a folder tree (``scripts/make_fashion_tree.py``; 28 px grayscale PNGs, trained at 32 px) and
+seeded random crops of the photographs that ship inside scikit-image, resized to 224 x 224 and
+encoded as JPEG quality 90 (trained at 224 px; ``pip install -e .[bench]``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -57,27 +73,286 @@ def synthetic_jpegs(out_dir: Path, count: int, size: int = 224, seed: int = 0) -
     return out_dir
 
 
-def throughput(overrides: list[str], batches: int) -> tuple[float, int]:
-    """(images/s over ``batches`` timed batches, image size) for one composed config."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose("config", overrides=overrides)
-    data = build_data(cfg.data, cfg.augmentation, run_dir=None, seed=0)
-    data.train_batches.set_epoch(0)
-    it = iter(data.train_loader)
-    for _ in range(2):  # untimed: worker start-up and first reads
+def timed(loader, batches: int, prepare=None, new_epoch=None) -> float:
+    """Images/s over ``batches`` batches of ``loader`` after two untimed ones (worker start-up)."""
+    it = iter(loader)
+    for _ in range(2):
         next(it)
-    images, start = 0, time.perf_counter()
+    images, start, epoch = 0, time.perf_counter(), 0
     for _ in range(batches):
         try:
             batch = next(it)
         except StopIteration:
-            data.train_batches.set_epoch(1)
-            it = iter(data.train_loader)
+            epoch += 1
+            if new_epoch is not None:
+                new_epoch(epoch)
+            it = iter(loader)
             batch = next(it)
-        images += batch["images"].shape[0]
-    elapsed = time.perf_counter() - start
-    del it, data
-    return images / elapsed, cfg.data.image_size
+        if prepare is not None:
+            batch = prepare(batch)
+        images += len(batch["images"] if isinstance(batch, dict) else batch[0])
+    return images / (time.perf_counter() - start)
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        return compose("config", overrides=overrides)
+
+
+def throughput(overrides: list[str], batches: int, with_prepare: bool = False) -> tuple[float, int]:
+    """(images/s over ``batches`` timed batches, image size) for one composed config."""
+    cfg = compose_cfg(overrides)
+    data = build_data(cfg.data, cfg.augmentation, run_dir=None, seed=0)
+    data.train_batches.set_epoch(0)
+    prepare = data.prepare if with_prepare else None
+    rate = timed(data.train_loader, batches, prepare, data.train_batches.set_epoch)
+    del data
+    return rate, cfg.data.image_size
+
+
+def prepare_cost(size: int, batch_size: int, repeats: int = 5) -> float:
+    """Microseconds per image ``DataBundle.prepare`` takes on this CPU (uint8 -> normalised float)."""
+    from linnaeus.data.prepare import PrepareBatch
+
+    prepare = PrepareBatch([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    batch = {"images": torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)}
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        prepare(batch)
+        best = min(best, time.perf_counter() - start)
+    return best / batch_size * 1e6
+
+
+PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "motorcycle_right.png",
+          "rocket.jpg", "retina.jpg", "hubble_deep_field.jpg", "ihc.png"]  # fmt: skip
+
+
+def photo_tree(root: Path, count: int, size: int = 224, seed: int = 0) -> None:
+    """``count`` seeded random crops of scikit-image's photographs, size x size JPEG quality 90, as
+    ROOT/<group>/<photo>/<side>/<n>.jpg (3 ranks; the photo is the class)."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None:
+        raise SystemExit("--compare needs scikit-image's photographs: pip install -e .[bench]")
+    folder = Path(spec.submodule_search_locations[0]) / "data"
+    photos = [np.asarray(Image.open(folder / name).convert("RGB")) for name in PHOTOS]
+    rng = np.random.default_rng(seed)
+    for n in range(count):
+        k = n % len(photos)
+        pixels = photos[k]
+        height, width = pixels.shape[:2]
+        side = int(min(height, width) * rng.uniform(0.35, 1.0))
+        top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
+        crop = Image.fromarray(pixels[top : top + side, left : left + side]).resize(
+            (size, size), Image.LANCZOS
+        )
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        path = root / f"group{k // 3}" / Path(PHOTOS[k]).stem / f"side{n % 2}" / f"{n:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        crop.save(path, format="JPEG", quality=90)
+
+
+def build_variants(tree: Path, out: Path) -> dict[str, list[str]]:
+    """Our datasets over the files of ``tree``: the data overrides of each mode."""
+    from linnaeus.data.build import main as build_main
+    from linnaeus.data.convert import convert
+
+    for extra, name in (([], "h5"), (["--hybrid"], "hybrid")):
+        if build_main(["folder", str(tree), "--out", str(out / name), "--workers", "2", *extra]) != 0:
+            raise SystemExit(f"building {tree} failed")
+    convert(out / "h5" / "images.h5", out / "vlen_images.h5", layout="vlen")
+    labels = f"data.labels={out / 'h5' / 'labels.h5'}"
+    return {
+        "hybrid (files)": ["data=h5", f"data.labels={out / 'hybrid' / 'labels.h5'}", f"data.images={tree}"],
+        "images.h5 vlen": ["data=h5", labels, f"data.images={out / 'vlen_images.h5'}"],
+        "images.h5 contiguous": ["data=h5", labels, f"data.images={out / 'h5' / 'images.h5'}"],
+        "RAM cache": ["data=h5", labels, f"data.images={out / 'h5' / 'images.h5'}", "data.cache=ram"],
+    }
+
+
+def image_folder_rate(tree: Path, cfg, workers: int, batches: int, batch_size: int) -> float:
+    """torchvision's ImageFolder + DataLoader with the same uint8 augmentation, normalised in the workers."""
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    from linnaeus.data.transforms import build_train_augment
+
+    mean, std = list(cfg.data.mean), list(cfg.data.std)
+    transform = v2.Compose(
+        [
+            v2.PILToTensor(),
+            build_train_augment(cfg.augmentation, cfg.data.image_size, mean),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
+    dataset = ImageFolder(str(tree), transform=transform)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, num_workers=workers, persistent_workers=workers > 0
+    )
+    return timed(loader, batches)
+
+
+def decode_only_rate(images_h5: Path, repeats: int = 2) -> float:
+    """One process, one thread: decode the dataset's bytes (already in memory) with decode_image."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    from linnaeus.data.images import H5ImageStore
+
+    store = H5ImageStore(images_h5)
+    files = [torch.from_numpy(np.array(store.read_encoded(r))) for r in range(store.num_rows)]
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for data in files:
+            decode_image(data, mode=ImageReadMode.RGB)
+        best = max(best, len(files) / (time.perf_counter() - start))
+    return best
+
+
+def compare_decoders(repeats: int = 3) -> None:
+    """PIL vs torchvision decode_image, and PIL's DCT-domain downscaling, per image size (one thread)."""
+    import os
+
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms import v2
+
+    from linnaeus.data.images import decode_bytes
+
+    def pil(data: bytes, draft: int | None = None) -> torch.Tensor:
+        with Image.open(io.BytesIO(data)) as img:
+            if draft:
+                img.draft("RGB", (draft, draft))
+            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+    def rate(fn, files) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for data in files:
+                fn(data)
+            best = min(best, time.perf_counter() - start)
+        return len(files) / best
+
+    print(f"load average before: {os.getloadavg()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size, fmt, count in (
+            (32, "PNG", 2000),
+            (224, "JPEG", 300),
+            (448, "JPEG", 100),
+            (1024, "JPEG", 30),
+        ):
+            photo_tree(Path(tmp) / str(size), count, size=size)
+            files = [p.read_bytes() for p in sorted((Path(tmp) / str(size)).rglob("*.jpg"))]
+            if fmt == "PNG":
+                files = [encode_png(f) for f in files]
+            tensors = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
+            line = {
+                "PIL": rate(pil, files),
+                "torchvision": rate(lambda t: decode_image(t, mode=ImageReadMode.RGB), tensors),
+            }
+            if size >= 448:  # what the pipeline pays: decode, then resize the short side to what it needs
+                need = size // 4 if size >= 1024 else size // 2
+                resize = v2.Resize(need, antialias=True)
+                full = lambda t, r=resize: r(decode_image(t, mode=ImageReadMode.RGB))  # noqa: E731
+                line[f"torchvision + resize to {need}"] = rate(full, tensors)
+                line[f"PIL draft + resize to {need}"] = rate(lambda d, n=need, r=resize: r(pil(d, n)), files)
+                line[f"decode_bytes(min_side={need}) + resize"] = rate(
+                    lambda d, n=need, r=resize: r(decode_bytes(d, n)), files
+                )
+            shown = ", ".join(f"{k} {v:,.0f}" for k, v in line.items())
+            print(f"{size:5d} px {fmt:4s}: {shown} images/s")
+    print(f"load average after: {os.getloadavg()}")
+
+
+def encode_png(jpeg: bytes) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def compare(args) -> None:
+    """Every setting timed once per round, rounds interleaved; the best of ``--rounds`` is reported
+    (a shared or busy machine only ever makes a setting slower)."""
+    import os
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_fashion_tree import SOURCE, make_tree
+
+    print(f"load average before: {os.getloadavg()}")
+    best: dict[tuple, float] = {}
+
+    def record(key: tuple, rate: float) -> None:
+        best[key] = max(best.get(key, 0.0), rate)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        datasets = {}
+        if (SOURCE / "train-images-idx3-ubyte.gz").is_file():
+            make_tree(tmp / "fashion", args.per_class)
+            datasets["Fashion-MNIST (28 px PNG)"] = (tmp / "fashion", 32)
+        else:
+            print("Fashion-MNIST missing (apt-get install dataset-fashion-mnist): skipped")
+        photo_tree(tmp / "photos", args.photos)
+        datasets["photo crops (224 px JPEG)"] = (tmp / "photos", 224)
+        modes = {
+            name: build_variants(tree, tmp / f"{tree.name}_built") for name, (tree, _) in datasets.items()
+        }
+        costs = {name: prepare_cost(size, args.batch_size) for name, (_, size) in datasets.items()}
+        for round_ in range(args.rounds):
+            for dataset, (tree, size) in datasets.items():
+                record(
+                    (dataset, "decode-only"),
+                    decode_only_rate(tmp / f"{tree.name}_built" / "h5" / "images.h5"),
+                )
+                for aug in args.aug:
+                    for workers in args.workers:
+                        common = [
+                            f"augmentation={aug}",
+                            f"data.image_size={size}",
+                            f"data.num_workers={workers}",
+                            f"data.batch_size={args.batch_size}",
+                            "data.check_images=false",
+                            *args.extra,
+                        ]
+                        cfg = compose_cfg(["data=h5", "data.labels=x", "data.images=x", *common])
+                        key = (dataset, aug, workers)
+                        record(
+                            (*key, "ImageFolder"),
+                            image_folder_rate(tree, cfg, workers, args.batches, args.batch_size),
+                        )
+                        for mode, overrides in modes[dataset].items():
+                            rate, _ = throughput([*overrides, *common], args.batches, args.with_prepare)
+                            record((*key, mode), rate)
+            print(f"round {round_ + 1} of {args.rounds} done, load average {os.getloadavg()}")
+    rows = []
+    for dataset in datasets:
+        limit = best[(dataset, "decode-only")]
+        print(f"{dataset:28s} {'decode-only (1 process)':24s}                {limit:8.0f} images/s")
+        print(
+            f"{dataset:28s} DataBundle.prepare on this CPU: {costs[dataset]:.1f} us per image (on the device in training)"
+        )
+        rows.append(
+            {"dataset": dataset, "mode": "decode-only", "images_s": limit, "prepare_us": costs[dataset]}
+        )
+        for aug in args.aug:
+            for workers in args.workers:
+                base = best[(dataset, aug, workers, "ImageFolder")]
+                for mode in ["ImageFolder", *modes[dataset]]:
+                    rate = best[(dataset, aug, workers, mode)]
+                    per_core = rate / (limit * max(1, workers))
+                    rows.append(
+                        {"dataset": dataset, "mode": mode, "augmentation": aug, "workers": workers,
+                         "images_s": rate, "vs_imagefolder": rate / base, "of_decode_only_per_core": per_core}
+                    )  # fmt: skip
+                    print(
+                        f"{dataset:28s} {mode:24s} aug={aug:8s} w={workers}  {rate:8.0f} images/s  "
+                        f"x{rate / base:.2f} ImageFolder  {per_core:.2f} of decode-only per core"
+                    )
+    print(f"load average after: {os.getloadavg()}")
+    print(json.dumps(rows))
 
 
 def main() -> None:
@@ -89,9 +364,25 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000, help="synthetic JPEGs")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides, e.g. augmentation.device=gpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process")
+    parser.add_argument("--with-prepare", action="store_true", help="also time DataBundle.prepare on the CPU")
+    parser.add_argument("--compare", action="store_true", help="ImageFolder vs our modes vs decode-only")
+    parser.add_argument(
+        "--per-class", type=int, default=300, help="--compare: Fashion-MNIST images per class"
+    )
+    parser.add_argument("--photos", type=int, default=1000, help="--compare: 224 px photo crops")
+    parser.add_argument("--rounds", type=int, default=2, help="--compare: rounds; the best is reported")
+    parser.add_argument(
+        "--decoders", action="store_true", help="PIL vs torchvision decoding, DCT downscaling"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # as in DataLoader workers; more threads only fight over small images
     register_configs()
+    if args.decoders:
+        compare_decoders()
+        return
+    if args.compare:
+        compare(args)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -118,7 +409,7 @@ def main() -> None:
                         "data.check_images=false",
                         *args.extra,
                     ]
-                    rate, size = throughput(overrides, args.batches)
+                    rate, size = throughput(overrides, args.batches, args.with_prepare)
                     rows.append(
                         {
                             "dataset": dataset,

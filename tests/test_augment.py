@@ -21,12 +21,15 @@ from linnaeus.augment.meta_mask import MetaMask, NoMetaMask, build_meta_mask, sc
 from linnaeus.augment.pipeline import AugmentOnDevice, build_train_batch_transform
 from linnaeus.config import register_configs
 from linnaeus.data.dataset import TaxonDataset
+from linnaeus.data.prepare import PrepareBatch
 from linnaeus.data.transforms import (
     RandAugment,
     TimmPilPolicy,
     build_auto_augment,
     build_eval_transform,
     build_image_transforms,
+    normalize_images,
+    quantize_images,
 )
 from linnaeus.logger import read_metrics
 from tests.conftest import REPO
@@ -75,8 +78,11 @@ def test_every_augmentation_option_builds_a_pipeline(option):
     cfg = compose_cfg(f"augmentation={option}")
     worker, step = build_image_transforms(cfg.augmentation, 16, MEAN, STD)
     out = worker(random_images(1, 40)[0])
-    assert step is None
-    assert out.shape == (3, 16, 16) and out.dtype == torch.float32
+    assert (step is None) == (cfg.augmentation.random_erase.prob == 0)  # erasing runs in the step
+    assert out.shape == (3, 16, 16) and out.dtype == torch.uint8  # uint8 until the batch's device
+    if step is not None:
+        erased = step(normalize_images(out, MEAN, STD), 123)
+        assert erased.shape == (3, 16, 16) and erased.dtype == torch.float32
 
 
 @pytest.mark.parametrize(
@@ -90,19 +96,32 @@ def test_every_augmentation_option_builds_a_pipeline(option):
     ids=["jitter", "randaugment", "autoaugment", "timm-v0"],
 )
 def test_device_path_equals_the_per_sample_worker_path(overrides):
-    """augmentation.device=gpu applies the workers' pipeline on the batch, seeded the same way."""
+    """augmentation.device=gpu applies the workers' pipeline on the batch, seeded the same way.
+
+    Both go through ``DataBundle.prepare`` (normalisation) and then the step's per-sample transform:
+    random erasing only (device=cpu), or quantise back to uint8, the random pipeline, normalise and
+    erase (device=gpu)."""
     cpu = compose_cfg(*overrides, "augmentation.device=cpu")
     gpu = compose_cfg(*overrides, "augmentation.device=gpu", "augmentation.load_size=24")
     images = random_images(6, 24)  # already at load_size, so the workers' resize changes nothing
-    worker_cpu, _ = build_image_transforms(cpu.augmentation, 16, MEAN, STD)
+    worker_cpu, step_cpu = build_image_transforms(cpu.augmentation, 16, MEAN, STD)
     worker_gpu, step_gpu = build_image_transforms(gpu.augmentation, 16, MEAN, STD)
     per_sample, loaded = make_dataset(images, worker_cpu), make_dataset(images, worker_gpu)
+    prepare = PrepareBatch(MEAN, STD)
+    erase_only = AugmentOnDevice(step_cpu, seed=3) if step_cpu is not None else None
     on_device = AugmentOnDevice(step_gpu, seed=3)
+    order = [4, 1, 0, 5, 3, 2]
     for epoch in (0, 1):
-        expected = torch.stack([per_sample[(i, epoch)]["images"] for i in range(6)])
-        batch = default_collate([loaded[(i, epoch)] for i in (4, 1, 0, 5, 3, 2)])
-        assert torch.equal(batch["images"], images[[4, 1, 0, 5, 3, 2]])
-        assert torch.equal(on_device(batch["images"], batch["index"], epoch), expected[[4, 1, 0, 5, 3, 2]])
+        augmented = prepare(default_collate([per_sample[(i, epoch)] for i in order]))
+        assert augmented["images"].dtype == torch.float32
+        expected = augmented["images"]
+        if erase_only is not None:
+            expected = erase_only(expected, augmented["index"], epoch)
+        batch = default_collate([loaded[(i, epoch)] for i in order])
+        assert torch.equal(batch["images"], images[order])
+        batch = prepare(batch)
+        assert torch.equal(quantize_images(batch["images"], MEAN, STD), images[order])  # exact round trip
+        assert torch.equal(on_device(batch["images"], batch["index"], epoch), expected)
     # and it is random: samples and epochs differ
     assert not torch.equal(per_sample[(0, 0)]["images"], per_sample[(0, 1)]["images"])
 
@@ -154,11 +173,12 @@ def test_random_erasing_modes():
     cfg = compose_cfg(
         "augmentation=none", "augmentation.random_erase.prob=1.0", "augmentation.random_erase.mode=const"
     )
-    worker, _ = build_image_transforms(cfg.augmentation, 20, MEAN, STD)
+    worker, step = build_image_transforms(cfg.augmentation, 20, MEAN, STD)
     image = torch.full((3, 20, 20), 255, dtype=torch.uint8)
+    assert torch.equal(worker(image), image)  # the workers leave erasing to the step
     for seed in range(5):
-        torch.manual_seed(seed)
-        erased = (worker(image) == 0).all(0).float().mean().item()  # const erases to 0 after normalising
+        erased = step(normalize_images(image, MEAN, STD), seed)
+        erased = (erased == 0).all(0).float().mean().item()  # const erases to 0 after normalising
         assert 0.01 <= erased <= 0.4  # area drawn in [0.02, 0.33], box sides rounded to pixels
     bad = compose_cfg("augmentation.random_erase.prob=0.5", "augmentation.random_erase.mode=rand")
     with pytest.raises(ValueError, match="augmentation.random_erase.mode='rand'"):
@@ -265,7 +285,7 @@ def test_train_batch_transform_is_seeded_per_step():
         device=torch.device("cpu"),
     )
     batch = {
-        "images": random_images(8, 24),
+        "images": normalize_images(random_images(8, 24), MEAN, STD),  # as DataBundle.prepare returns them
         "targets": torch.tensor([[1, 1], [1, 1], [1, 2], [1, 2], [2, 3], [2, 3], [2, 4], [2, 4]]),
         "meta": {"spatial": torch.randn(8, 3)},
         "meta_valid": {"spatial": torch.ones(8, dtype=torch.bool)},

@@ -6,8 +6,8 @@ import h5py
 import numpy as np
 import pytest
 
-from linnaeus.data.demo import IMAGES_PER_SPECIES, ensure_demo_dataset, generate_demo_dataset
-from linnaeus.data.images import open_image_store
+from linnaeus.data.demo import DEMO_VERSION, IMAGES_PER_SPECIES, ensure_demo_dataset, generate_demo_dataset
+from linnaeus.data.images import H5ImageStore, open_image_store
 from linnaeus.data.labels import read_labels
 from linnaeus.data.taxonomy import build_taxonomy
 
@@ -16,7 +16,7 @@ RANKS = ["taxa_L40", "taxa_L30", "taxa_L20", "taxa_L10"]
 
 @pytest.fixture(scope="module")
 def demo(demo_cache):
-    return demo_cache / "demo-v1"
+    return demo_cache / f"demo-v{DEMO_VERSION}"
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +142,9 @@ def _contents(directory):
         ids = [v.decode() for v in h5["img_identifiers"][()]]
         taxa = {k: h5[k][()] for k in RANKS}
         lat = h5["raw_lat"][()]
-    with h5py.File(directory / "images.h5", "r") as h5:
-        images = [row.tobytes() for row in h5["images"][()]]
+    store = H5ImageStore(directory / "images.h5")
+    assert store.layout == "contiguous"
+    images = [store.read_encoded(row).tobytes() for row in range(store.num_rows)]
     return ids, taxa, lat, images
 
 
@@ -164,4 +165,6 @@ def test_ensure_reuses_the_cached_dataset(demo_cache, demo):
     assert ensure_demo_dataset(demo_cache) == demo
     after = {name: (demo / name).stat().st_mtime_ns for name in ("labels.h5", "images.h5")}
     assert after == before
-    assert sorted(p.name for p in demo_cache.iterdir() if p.name.startswith(".demo-v1.tmp")) == []
+    assert (
+        sorted(p.name for p in demo_cache.iterdir() if p.name.startswith(f".demo-v{DEMO_VERSION}.tmp")) == []
+    )

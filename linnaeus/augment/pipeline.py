@@ -3,10 +3,11 @@
 ``TrainBatchTransform`` runs three parts in order, each an object chosen at setup (an identity when
 off), so no experiment flag reaches the step:
 
-1. single-image augmentation on the batch's device (``augmentation.device=gpu``; ``KeepImages`` when
-   the loader workers already augmented): the same per-sample pipeline the workers would run, applied
-   image by image where the batch lives and seeded per sample from (seed, epoch, index) exactly as in
-   the workers, so both settings give the same images on the same device;
+1. single-image augmentation on the batch's device, to the normalised images ``DataBundle.prepare``
+   made (``KeepImages`` when there is none): with ``augmentation.device=gpu`` the same per-sample
+   pipeline the workers would run, applied image by image where the batch lives and seeded per sample
+   from (seed, epoch, index) exactly as in the workers, so both settings give the same images on the
+   same device; in both settings random erasing, which acts on normalised values;
 2. selective mixup/cutmix (``linnaeus.augment.mix``);
 3. metadata masking (``linnaeus.augment.meta_mask``).
 
@@ -21,11 +22,11 @@ import torch
 
 from linnaeus.augment.meta_mask import MetaMask, NoMetaMask, build_meta_mask
 from linnaeus.augment.mix import NoMix, SelectiveMix, build_mixer
-from linnaeus.data.transforms import TimmPilPolicy, load_size_for, sample_seed, seeded_rng
+from linnaeus.data.transforms import StepImageTransform, TimmPilPolicy, load_size_for, sample_seed
 
 
 class KeepImages:
-    """The loader workers already augmented: images pass through."""
+    """The loader workers already augmented and nothing is left for the step: images pass through."""
 
     def __call__(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
         return images
@@ -37,22 +38,24 @@ class KeepImages:
 class AugmentOnDevice:
     """Apply a per-sample transform to every image of a batch on the batch's device.
 
-    ``images`` (B, 3, L, L) uint8 as the workers loaded them; ``indices`` (B,) the samples' dataset
-    indices (on the CPU). Each image is seeded with ``sample_seed(seed, epoch, index)``, as
-    ``TaxonDataset`` seeds it in a worker.
+    ``images`` (B, 3, L, L) normalised float, as ``DataBundle.prepare`` returns them; ``indices`` (B,)
+    the samples' dataset indices (on the CPU). Each image is seeded with ``sample_seed(seed, epoch,
+    index)``, as ``TaxonDataset`` seeds it in a worker.
     """
 
-    def __init__(self, transform, seed: int) -> None:
+    def __init__(self, transform: StepImageTransform, seed: int) -> None:
         self.transform, self.seed = transform, seed
 
     def __call__(self, images: torch.Tensor, indices: torch.Tensor, epoch: int) -> torch.Tensor:
-        out = []
-        for image, index in zip(images, indices.tolist()):
-            with seeded_rng(sample_seed(self.seed, epoch, index), images.device):
-                out.append(self.transform(image))
+        out = [
+            self.transform(image, sample_seed(self.seed, epoch, index))
+            for image, index in zip(images, indices.tolist())
+        ]
         return torch.stack(out)  # (B, 3, S, S) float
 
     def __repr__(self) -> str:
+        if self.transform.augment is None:
+            return "per sample in the loader workers (random erasing in the training step)"
         return "per sample on the batch's device in the training step"
 
 
@@ -98,7 +101,7 @@ def build_train_batch_transform(
     """The training step's batch transform from the run config.
 
     ``step_transform``: the per-sample pipeline the step must apply on the device (from
-    ``build_image_transforms``), or None when the loader workers augment.
+    ``build_image_transforms``), or None when the loader workers did everything.
     """
     images = KeepImages() if step_transform is None else AugmentOnDevice(step_transform, cfg.seed)
     if device.type != "cpu" and any(
@@ -130,6 +133,6 @@ def describe(cfg, transform: TrainBatchTransform) -> str:
         f"random erase p={aug.random_erase.prob} ({aug.random_erase.mode}, area {list(aug.random_erase.area)})",
     ]
     where = repr(transform.images)
-    if isinstance(transform.images, AugmentOnDevice):
+    if isinstance(transform.images, AugmentOnDevice) and transform.images.transform.augment is not None:
         where += f" (workers resize to {load_size_for(aug, cfg.data.image_size)} px)"
     return f"augmentation {where}: {', '.join(parts)} | {transform.mix!r} | {transform.meta_mask!r}"

@@ -11,7 +11,8 @@ from torch.utils.data import default_collate
 
 
 def first_samples(dataset, batches, epoch: int, count: int = 16) -> dict:
-    """The first ``count`` samples of ``epoch``'s first training batch, collated on the CPU.
+    """The first ``count`` samples of ``epoch``'s first training batch, collated on the CPU as the
+    loader does (so it goes through ``DataBundle.prepare`` like any batch).
 
     Taking the batch's head keeps the sampler's same-group pairs (at positions 2i, 2i+1) together, so
     the grid shows real mixing. The sampler's position is restored afterwards.
@@ -20,7 +21,8 @@ def first_samples(dataset, batches, epoch: int, count: int = 16) -> dict:
     batches.set_epoch(epoch)
     first = next(iter(batches))
     batches.load_state_dict(saved)
-    return default_collate([dataset[key] for key in first[:count]])
+    collate = getattr(dataset, "collate", default_collate)  # as the loader collates (uint8 or encoded images)
+    return collate([dataset[key] for key in first[:count]])
 
 
 def save_sample_grid(batch: dict, path: Path, mean: Sequence[float], std: Sequence[float]) -> Path:

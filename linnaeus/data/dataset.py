@@ -6,19 +6,29 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from linnaeus.data.images import BadImageError, FolderImageStore, H5ImageStore
+from linnaeus.data.prepare import EncodedImages
 from linnaeus.data.transforms import sample_seed, seeded_rng
+
+BAD_IMAGE_HINT = (
+    "Find every bad image with `python -m linnaeus.data.verify DIR`, or let the start-up check drop "
+    "them: data.check_images=true data.bad_images=drop"
+)
 
 
 class TaxonDataset(Dataset):
-    """One sample: a transformed image, class indices per task, and metadata with its validity.
+    """One sample: a uint8 image, class indices per task, and metadata with its validity.
 
     Indices may be plain ints or ``(index, epoch)`` pairs. With a pair, the random transform is
     seeded from (seed, epoch, index), so a sample's augmentation does not depend on which worker
     loads it or on where a resumed run restarted; the training step seeds the same way when it
     augments on the device (``augmentation.device=gpu``).
+
+    ``encoded=(resize, crop)`` (``data.decode=gpu``): images are not decoded here; a sample holds the
+    file's bytes and ``collate`` packs a batch of them into ``EncodedImages``, which
+    ``DataBundle.prepare`` decodes on the device and resizes to ``resize`` / crops to ``crop``.
     """
 
     def __init__(
@@ -29,8 +39,9 @@ class TaxonDataset(Dataset):
         targets: np.ndarray,
         meta: dict[str, np.ndarray],
         meta_valid: dict[str, np.ndarray],
-        transform: Callable[[torch.Tensor], torch.Tensor],
+        transform: Callable[[torch.Tensor], torch.Tensor] | None,
         seed: int = 0,
+        encoded: tuple[int, int] | None = None,
     ) -> None:
         self.store = store
         self.identifiers = identifiers
@@ -40,28 +51,66 @@ class TaxonDataset(Dataset):
         self.meta_valid = {k: torch.as_tensor(v) for k, v in meta_valid.items()}
         self.transform = transform
         self.seed = seed
+        self.encoded = encoded
 
     def __len__(self) -> int:
         return len(self.identifiers)
 
+    def _image(self, index: int, epoch: int | None) -> torch.Tensor:
+        row, identifier = int(self.image_rows[index]), str(self.identifiers[index])
+        try:
+            if self.encoded is not None:
+                return torch.from_numpy(np.array(self.store.read_encoded(row, identifier)))
+            image = self.store.read(row, identifier)
+        except BadImageError as err:
+            raise BadImageError(f"{err}. {BAD_IMAGE_HINT}") from err
+        if epoch is None:
+            return self.transform(image)
+        with seeded_rng(sample_seed(self.seed, epoch, index)):
+            return self.transform(image)
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, None)
-        try:
-            image = self.store.read(int(self.image_rows[index]), str(self.identifiers[index]))
-        except BadImageError as err:
-            raise BadImageError(
-                f"{err}. Find every bad image with `python -m linnaeus.data.verify DIR`, or let the "
-                "start-up check drop them: data.check_images=true data.bad_images=drop"
-            ) from err
-        if epoch is None:
-            image = self.transform(image)
-        else:
-            with seeded_rng(sample_seed(self.seed, epoch, index)):
-                image = self.transform(image)
         return {
-            "images": image,
+            "images": self._image(index, epoch),
             "targets": self.targets[index],
             "meta": {k: v[index] for k, v in self.meta.items()},
             "meta_valid": {k: v[index] for k, v in self.meta_valid.items()},
             "index": index,
         }
+
+    def __getitems__(self, keys: list) -> dict:
+        """A whole batch, as ``collate`` would make it from ``self[key]`` for every key (the DataLoader's
+        fetcher calls this): per-sample images, then labels and metadata gathered with one index each,
+        which saves building and collating a dict per sample (most of the cost for small images)."""
+        pairs = [key if isinstance(key, tuple) else (key, None) for key in keys]
+        images = [self._image(index, epoch) for index, epoch in pairs]
+        indices = [index for index, _ in pairs]
+        if self.encoded is None:
+            packed = default_collate(images)  # in shared memory when in a worker, as default_collate does
+        else:
+            identifiers = [str(self.identifiers[i]) for i in indices]
+            packed = EncodedImages.pack(images, identifiers, *self.encoded)
+        rows = torch.as_tensor(indices, dtype=torch.int64)
+        return {
+            "images": packed,
+            "targets": self.targets[rows],
+            "meta": {k: v[rows] for k, v in self.meta.items()},
+            "meta_valid": {k: v[rows] for k, v in self.meta_valid.items()},
+            "index": rows,
+        }
+
+    def collate(self, samples: list[dict] | dict) -> dict:
+        """A batch (the DataLoader's ``collate_fn``): stacked uint8 images, or ``EncodedImages``.
+
+        ``samples``: ``self[key]`` for each key, or what ``__getitems__`` made already (passed through).
+        """
+        if isinstance(samples, dict):
+            return samples
+        if self.encoded is None:
+            return default_collate(samples)
+        files = [s["images"] for s in samples]
+        batch = default_collate([{k: v for k, v in s.items() if k != "images"} for s in samples])
+        identifiers = [str(self.identifiers[s["index"]]) for s in samples]
+        batch["images"] = EncodedImages.pack(files, identifiers, *self.encoded)
+        return batch

@@ -32,10 +32,11 @@ import numpy as np
 from PIL import Image
 
 from linnaeus.data.writer import RawMetadata, TaxonRow, write_images_h5, write_labels_h5
+from linnaeus.errors import OutputError, describe_write_error
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: images.h5 in the contiguous layout
 IMAGE_SIZE = 48
 IMAGES_PER_SPECIES = 100
 MISSING_META = 0.10
@@ -255,27 +256,63 @@ def generate_demo_dataset(
     return out_dir
 
 
+def demo_damage(folder: str | Path) -> str | None:
+    """Why the demo dataset in ``folder`` is unusable (missing, truncated, older version), or None if intact.
+
+    Cheap: reads the labels, matches them to the images file and decodes its first and last image.
+    """
+    from linnaeus.data.images import open_image_store
+    from linnaeus.data.labels import read_labels
+
+    folder = Path(folder)
+    if not (folder / "labels.h5").is_file() or not (folder / "images.h5").is_file():
+        return "files missing"
+    try:
+        table = read_labels(folder / "labels.h5")
+        if (table.config or {}).get("version") != DEMO_VERSION:
+            return f"made by another version (want {DEMO_VERSION})"
+        store = open_image_store(folder / "images.h5")
+        rows, missing = store.rows_for(table.identifiers)
+        if len(rows) == 0 or missing.any():
+            return f"{int(missing.sum())} images missing from images.h5"
+        for i in (0, len(rows) - 1):
+            store.read(int(rows[i]), str(table.identifiers[i]))
+    except Exception as err:  # any failure to read means: generate it again
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None
+
+
 def ensure_demo_dataset(cache_dir: str | Path, seed: int = 0) -> Path:
-    """The demo dataset folder inside ``cache_dir``, generated on first use.
+    """The demo dataset folder inside ``cache_dir``, generated on first use and again when damaged.
 
     Safe under concurrency: one process generates while the others wait on a lock file, and the
-    folder appears under its final name only when complete.
+    folder appears under its final name only when complete. A damaged copy (a truncated file, an
+    interrupted copy of the cache) is detected and regenerated with a warning.
     """
     cache_dir = Path(cache_dir)
     final = cache_dir / (f"demo-v{DEMO_VERSION}" + ("" if seed == 0 else f"-seed{seed}"))
-    if (final / "labels.h5").is_file() and (final / "images.h5").is_file():
+    if demo_damage(final) is None:
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     with open(cache_dir / f".{final.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (final / "labels.h5").is_file():
-            log.info("generating the demo dataset into %s (once)", final)
+        damage = demo_damage(final)
+        if damage is not None:
+            if final.exists():
+                log.warning("the demo dataset in %s is damaged (%s); generating it again", final, damage)
+            else:
+                log.info("generating the demo dataset into %s (once)", final)
             tmp = cache_dir / f".{final.name}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             try:
                 generate_demo_dataset(tmp, seed)
                 shutil.rmtree(final, ignore_errors=True)
                 os.replace(tmp, final)
+            except OSError as err:
+                raise OutputError(
+                    describe_write_error(err, cache_dir, "the demo dataset into")
+                    + " (or point data.cache_dir / LINNAEUS_CACHE elsewhere)"
+                ) from err
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return final

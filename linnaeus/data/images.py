@@ -1,12 +1,23 @@
-"""Image sources: ``images.h5`` (encoded bytes or decoded arrays) or a folder of files (hybrid mode).
+"""Image sources: ``images.h5`` or a folder of files (hybrid mode), and decoding to uint8.
+
+``images.h5`` has one of three layouts, told apart by its datasets (README, "Build a dataset"):
+
+- ``contiguous`` (what the builder writes): ``images`` (total_bytes,) uint8, stored contiguously
+  (no chunks, no compression), holding the encoded files back to back, and ``offsets`` (N + 1,) int64;
+  row i is ``images[offsets[i]:offsets[i + 1]]``. Each process memory-maps the file (``mmap``) at the
+  dataset's byte offset in the file, so reading an image is a slice of memory, with no HDF5 call;
+- ``vlen``: ``images`` (N,) variable-length uint8, one encoded file per row (earlier files);
+- ``decoded``: ``images`` (N, H, W, 3) uint8 RGB arrays (the predecessor's files).
 
 Stores open their files lazily, on first read in the process that reads (each DataLoader worker
-gets its own HDF5 handle; handles are never shared across a fork).
+gets its own HDF5 handle and memory map; neither is ever shared across a fork).
 """
 
 from __future__ import annotations
 
+import copy
 import io
+import mmap
 import os
 from pathlib import Path
 
@@ -14,32 +25,126 @@ import h5py
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode
 
 from linnaeus.data.labels import BUILD_HINT, DatasetError
+from linnaeus.errors import UserError
+
+# JPEG frame headers (SOF0-SOF15 except DHT, JPG and DAC), where the image size is written
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 
-class BadImageError(RuntimeError):
+class BadImageError(UserError, RuntimeError):
     """An image is missing or cannot be decoded."""
 
 
-def decode_bytes(data: bytes | np.ndarray) -> torch.Tensor:
-    """Encoded image bytes -> (3, H, W) uint8 RGB tensor (grayscale, alpha, CMYK converted)."""
-    buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+def is_jpeg(data: bytes | np.ndarray | torch.Tensor) -> bool:
+    head = data[:3].tolist() if isinstance(data, torch.Tensor) else bytes(data[:3])
+    return len(head) == 3 and head[0] == 0xFF and head[1] == 0xD8 and head[2] == 0xFF
+
+
+def jpeg_size(data) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header without decoding it; None when there is none."""
+    view = memoryview(data.numpy() if isinstance(data, torch.Tensor) else data).cast("B")
+    n, pos = len(view), 2
+    while pos + 4 <= n:
+        if view[pos] != 0xFF:
+            return None
+        marker = view[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        if marker in _SOF_MARKERS:
+            if pos + 9 > n:
+                return None
+            height = view[pos + 5] << 8 | view[pos + 6]
+            width = view[pos + 7] << 8 | view[pos + 8]
+            return width, height
+        if marker == 0xDA:  # scan data before any frame header
+            return None
+        pos += 2 + (view[pos + 2] << 8 | view[pos + 3])
+    return None
+
+
+def map_file(path: str | Path, offset: int, length: int) -> np.ndarray:
+    """``length`` bytes of a file from ``offset``, memory-mapped read-only, as a plain (length,) uint8
+    array (slicing a plain array costs less than slicing ``np.memmap``, a Python subclass)."""
+    if length == 0:
+        return np.zeros(0, dtype=np.uint8)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets are page-aligned
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), offset - start + length, offset=start, access=mmap.ACCESS_READ)
+    return np.frombuffer(mapped, dtype=np.uint8, count=length, offset=offset - start)
+
+
+def _decode_full(data: torch.Tensor) -> torch.Tensor:
+    # the op behind torchvision.io.decode_image, without that wrapper's per-call deprecation warning
+    # and usage logging (about as long as decoding a 28 px PNG)
+    return torch.ops.image.decode_image(data, ImageReadMode.RGB.value, False)
+
+
+def _as_tensor(data: bytes | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A (L,) uint8 CPU tensor over the bytes (no copy when they are writable already)."""
+    if isinstance(data, torch.Tensor):
+        return data
+    array = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray) else np.asarray(data)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array.reshape(-1))
+
+
+def _decode_pil(data: bytes | np.ndarray | torch.Tensor, draft: int | None = None) -> torch.Tensor:
+    buffer = data.numpy() if isinstance(data, torch.Tensor) else data
+    with Image.open(io.BytesIO(memoryview(buffer).cast("B"))) as img:
+        if draft is not None:
+            img.draft("RGB", (draft, draft))  # DCT-domain downscaling by 1/2, 1/4 or 1/8
+        img = img.convert("RGB")  # grayscale, palette, alpha and CMYK all end as RGB
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+
+
+def decode_bytes(data: bytes | np.ndarray | torch.Tensor, min_side: int | None = None) -> torch.Tensor:
+    """Encoded image bytes -> (3, H, W) uint8 RGB tensor (grayscale, alpha, CMYK converted).
+
+    ``min_side``: the shortest side the caller's first resize or crop needs. A JPEG whose short side
+    is at least twice that is decoded at a reduced DCT scale (PIL's ``draft``) that still keeps the
+    short side >= ``min_side``; everything else is decoded at full size by torchvision (libjpeg-turbo,
+    libpng, libwebp), which is about twice as fast as PIL at full size (docs/BENCHMARKS.md).
+    """
     try:
-        return decode_image(buffer, mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        pass  # formats torchvision cannot decode (e.g. some TIFF/BMP): fall back to PIL
+        if min_side is not None and is_jpeg(data):
+            size = jpeg_size(data)
+            if size is not None and min(size) >= 2 * min_side:
+                return _decode_pil(data, draft=min_side)
+        return _decode_full(_as_tensor(data))
+    except (RuntimeError, ValueError, OSError):
+        pass  # formats torchvision cannot decode (e.g. some TIFF/BMP, CMYK JPEG): PIL at full size
     try:
-        with Image.open(io.BytesIO(bytes(data))) as img:
-            img = img.convert("RGB")
-            return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+        return _decode_pil(data)
     except Exception as err:  # PIL raises many exception types for damaged files
         raise BadImageError(f"cannot decode image ({type(err).__name__}: {err})") from err
 
 
-class H5ImageStore:
-    """``images.h5``: dataset ``images`` of encoded bytes (N,) or decoded arrays (N, H, W, 3)."""
+class _SizedReads:
+    """``min_side`` for a store's decodes, settable per dataset with ``with_min_side``."""
+
+    min_side: int | None = None
+
+    def with_min_side(self, min_side: int | None):
+        """This store, decoding JPEGs for consumers that need a short side of ``min_side`` (shares the file)."""
+        view = copy.copy(self)
+        view.min_side = min_side
+        view._reset()
+        return view
+
+    def _reset(self) -> None:
+        pass
+
+
+class H5ImageStore(_SizedReads):
+    """``images.h5`` in any of the three layouts (module docstring)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -47,20 +152,21 @@ class H5ImageStore:
             raise DatasetError(
                 f"images file not found: {self.path}. Set data.images to an images.h5 file or a folder. {BUILD_HINT}"
             )
+        self.offsets: np.ndarray | None = None
+        self._byte_offset: int | None = None  # where the contiguous bytes start in the file
         try:
             with h5py.File(self.path, "r") as h5:
                 if "images" not in h5:
                     raise DatasetError(f"{self.path}: required dataset 'images' is missing. {BUILD_HINT}")
                 images = h5["images"]
-                self.encoded = images.dtype.kind == "O"
-                if not self.encoded and (
-                    images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8
-                ):
-                    raise DatasetError(
-                        f"{self.path}: 'images' has shape {images.shape} and dtype {images.dtype}; expected "
-                        "(N,) variable-length uint8 (encoded files) or (N, H, W, 3) uint8 (decoded RGB)"
-                    )
-                self.num_rows = images.shape[0]
+                self.layout = self._layout_of(images, h5)
+                if self.layout == "contiguous":
+                    self.offsets = self._read_offsets(h5, images)
+                    self.num_rows = len(self.offsets) - 1
+                    if images.chunks is None and images.compression is None and images.shape[0] > 0:
+                        self._byte_offset = images.id.get_offset()
+                else:
+                    self.num_rows = images.shape[0]
                 self.identifiers = None
                 if "img_identifiers" in h5:
                     ids = h5["img_identifiers"][()]
@@ -74,8 +180,52 @@ class H5ImageStore:
             raise DatasetError(
                 f"{self.path} is not a readable HDF5 file ({err}). Rebuild it. {BUILD_HINT}"
             ) from err
+        self._reset()
+
+    def _layout_of(self, images: h5py.Dataset, h5: h5py.File) -> str:
+        if images.dtype.kind == "O":
+            return "vlen"
+        if images.ndim == 1 and images.dtype == np.uint8 and "offsets" in h5:
+            return "contiguous"
+        if images.ndim == 4 and images.shape[-1] == 3 and images.dtype == np.uint8:
+            return "decoded"
+        raise DatasetError(
+            f"{self.path}: 'images' has shape {images.shape} and dtype {images.dtype}; expected (B,) uint8 "
+            "with an 'offsets' dataset (encoded files back to back), (N,) variable-length uint8 (encoded "
+            "files) or (N, H, W, 3) uint8 (decoded RGB)"
+        )
+
+    def _read_offsets(self, h5: h5py.File, images: h5py.Dataset) -> np.ndarray:
+        offsets = h5["offsets"][()].astype(np.int64)
+        if (
+            offsets.ndim != 1
+            or len(offsets) == 0
+            or offsets[0] != 0
+            or offsets[-1] != images.shape[0]
+            or (np.diff(offsets) < 0).any()
+        ):
+            raise DatasetError(
+                f"{self.path}: 'offsets' must be (N + 1,) non-decreasing from 0 to the {images.shape[0]} bytes "
+                f"of 'images'; the file is damaged, rebuild it. {BUILD_HINT}"
+            )
+        return offsets
+
+    @property
+    def encoded(self) -> bool:
+        """Whether rows are encoded files (False: decoded arrays)."""
+        return self.layout != "decoded"
+
+    def _reset(self) -> None:
         self._h5: h5py.File | None = None
+        self._bytes: np.ndarray | None = None
         self._pid = -1
+
+    def _open(self) -> None:
+        if self._pid != os.getpid():
+            self._h5 = h5py.File(self.path, "r")
+            if self._byte_offset is not None:
+                self._bytes = map_file(self.path, self._byte_offset, int(self.offsets[-1]))
+            self._pid = os.getpid()
 
     def rows_for(self, identifiers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Row of each label identifier in this file, and a mask of identifiers that have no row."""
@@ -90,31 +240,41 @@ class H5ImageStore:
         rows = np.array([index.get(name, -1) for name in identifiers], dtype=np.int64)
         return rows, rows < 0
 
-    def _file(self) -> h5py.File:
-        if self._h5 is None or self._pid != os.getpid():
-            self._h5 = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._h5
+    def read_encoded(self, row: int, identifier: str = "") -> np.ndarray:
+        """The encoded file bytes of ``row``, (L,) uint8 (a view into the memory map when contiguous)."""
+        self._open()
+        if self.layout == "contiguous":
+            start, end = int(self.offsets[row]), int(self.offsets[row + 1])
+            if self._bytes is not None:
+                return self._bytes[start:end]
+            return self._h5["images"][start:end]  # chunked or compressed copy of the layout: via HDF5
+        if self.layout == "vlen":
+            return self._h5["images"][row]
+        raise TypeError(f"{self.path} holds decoded arrays, not encoded files")
 
     def read(self, row: int, identifier: str) -> torch.Tensor:
-        data = self._file()["images"][row]
-        if not self.encoded:
+        if self.layout == "decoded":
+            self._open()
+            data = self._h5["images"][row]
             return torch.from_numpy(np.ascontiguousarray(data)).permute(2, 0, 1).contiguous()
+        data = self.read_encoded(row, identifier)
         if len(data) == 0:
             raise BadImageError(f"image {identifier!r} (row {row} of {self.path}) is empty")
         try:
-            return decode_bytes(data)
+            return decode_bytes(data, self.min_side)
         except BadImageError as err:
             raise BadImageError(f"image {identifier!r} (row {row} of {self.path}): {err}") from err
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_h5"], state["_pid"] = None, -1  # a handle never travels to another process
+        state.update(_h5=None, _bytes=None, _pid=-1)  # handles never travel to another process
         return state
 
 
-class FolderImageStore:
+class FolderImageStore(_SizedReads):
     """Hybrid mode: image ``<root>/<identifier>`` (plus ``extension`` when the identifier has none)."""
+
+    encoded = True
 
     def __init__(self, root: str | Path, extension: str | None = None) -> None:
         self.root = Path(root)
@@ -133,16 +293,19 @@ class FolderImageStore:
     def rows_for(self, identifiers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.arange(len(identifiers)), np.zeros(len(identifiers), dtype=bool)
 
-    def read(self, row: int, identifier: str) -> torch.Tensor:
+    def read_encoded(self, row: int, identifier: str) -> np.ndarray:
         path = self.path_of(identifier)
         try:
-            data = path.read_bytes()
+            return np.frombuffer(bytearray(path.read_bytes()), dtype=np.uint8)
         except OSError as err:
             raise BadImageError(f"image {identifier!r}: cannot read {path} ({err.strerror})") from err
+
+    def read(self, row: int, identifier: str) -> torch.Tensor:
+        data = self.read_encoded(row, identifier)
         try:
-            return decode_bytes(data)
+            return decode_bytes(data, self.min_side)
         except BadImageError as err:
-            raise BadImageError(f"image {identifier!r} ({path}): {err}") from err
+            raise BadImageError(f"image {identifier!r} ({self.path_of(identifier)}): {err}") from err
 
 
 def open_image_store(images: str | Path, extension: str | None = None) -> H5ImageStore | FolderImageStore:

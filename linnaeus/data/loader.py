@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,15 +11,25 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
+from linnaeus.data.cache import CachePart, build_ram_cache
 from linnaeus.data.check import apply_bad_image_policy, find_bad_images
 from linnaeus.data.dataset import TaxonDataset
 from linnaeus.data.images import open_image_store
 from linnaeus.data.labels import DatasetError, read_labels
+from linnaeus.data.prepare import PrepareBatch
 from linnaeus.data.samplers import GroupedBatchSampler, RandomBatchSampler
 from linnaeus.data.split import load_or_make_split
 from linnaeus.data.taxonomy import Taxonomy, build_taxonomy
-from linnaeus.data.transforms import build_eval_transform, build_image_transforms
+from linnaeus.data.transforms import (
+    StepImageTransform,
+    build_eval_load_transform,
+    build_image_transforms,
+    eval_resize_for,
+    load_size_for,
+    train_min_side,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +69,13 @@ class DataBundle:
     train_batches: EpochBatches
     num_train: int
     num_val: int
+    # every train and validation batch, right after it was moved to the device and before the step's
+    # augmentation: uint8 (or, with data.decode=gpu, encoded) images -> normalised float32
+    prepare: Callable[[dict], dict]
     report: dict = field(default_factory=dict)
-    # augmentation.device=gpu: the per-sample pipeline the training step applies on the device
-    step_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # the per-sample image pipeline the training step applies on the device, to prepared images:
+    # random erasing, and with augmentation.device=gpu the whole random pipeline (None: nothing)
+    step_transform: StepImageTransform | None = None
     class_counts: list[np.ndarray] = field(default_factory=list)  # per task: training samples per class
 
 
@@ -87,10 +102,13 @@ def build_data(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    local_rank: int | None = None,
 ) -> DataBundle:
     """Read labels, build the taxonomy, split, check images and assemble the loaders.
 
     Only rank 0 writes files (split and image report); every rank derives the same result.
+    ``local_rank`` (default: ``LOCAL_RANK``/``SLURM_LOCALID``) picks the rank of a node that fills the
+    shared RAM cache (``data.cache=ram``).
     """
     is_main = rank == 0
     labels_path, images_path = resolve_paths(data_cfg)
@@ -132,16 +150,51 @@ def build_data(
         raise DatasetError(f"{labels_path}: no training rows left after the split")
 
     mean, std = list(data_cfg.mean), list(data_cfg.std)
-    common = dict(store=store, identifiers=table.identifiers, image_rows=image_rows, targets=targets)
+    size = data_cfg.image_size
+    worker_transform, step_transform = build_image_transforms(aug_cfg, size, mean, std)
+    load_size, eval_resize = load_size_for(aug_cfg, size), eval_resize_for(size, data_cfg.val_crop_pct)
+    if data_cfg.decode not in ("cpu", "gpu"):
+        raise ValueError(f"data.decode must be cpu or gpu, got {data_cfg.decode!r}")
+    if data_cfg.cache not in ("none", "ram"):
+        raise ValueError(f"data.cache must be none or ram, got {data_cfg.cache!r}")
+    train_encoded = val_encoded = None
+    if data_cfg.decode == "gpu":
+        if data_cfg.cache == "ram":
+            raise ValueError(
+                "data.cache=ram holds decoded images, so there is nothing for data.decode=gpu to decode; choose one"
+            )
+        if not store.encoded:
+            raise DatasetError(
+                f"data.decode=gpu needs encoded image files, but {images_path} holds decoded arrays; use data.decode=cpu"
+            )
+        if aug_cfg.device != "gpu":
+            raise ValueError(
+                "data.decode=gpu decodes on the device, so training augmentation must run there too: add augmentation.device=gpu"
+            )
+        train_encoded, val_encoded = (load_size, load_size), (eval_resize, size)
+    # each split decodes a JPEG at the DCT scale that still covers its first resize or crop
+    train_store = store.with_min_side(train_min_side(aug_cfg, size))
+    val_store = store.with_min_side(eval_resize)
+    val_transform = build_eval_load_transform(size, data_cfg.val_crop_pct)
+    if data_cfg.cache == "ram":
+        if local_rank is None:
+            env_rank = os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))
+            local_rank = 0 if world_size == 1 else int(env_rank)
+        train_store, val_store = build_ram_cache(
+            store,
+            [
+                CachePart(image_rows[train_idx], table.identifiers[train_idx], load_size, load_size),
+                CachePart(image_rows[val_idx], table.identifiers[val_idx], eval_resize, size),
+            ],
+            directory=data_cfg.ram_cache_dir,
+            workers=max(1, data_cfg.num_workers),
+            local_rank=local_rank,
+        )
+        val_transform = v2.Identity()  # cached exactly as validation crops them
+    common = dict(identifiers=table.identifiers, image_rows=image_rows, targets=targets, seed=seed)
     meta = dict(meta=table.meta, meta_valid=table.meta_valid)
-    worker_transform, step_transform = build_image_transforms(aug_cfg, data_cfg.image_size, mean, std)
-    train_set = TaxonDataset(**common, **meta, transform=worker_transform, seed=seed)
-    val_set = TaxonDataset(
-        **common,
-        **meta,
-        transform=build_eval_transform(data_cfg.image_size, mean, std, data_cfg.val_crop_pct),
-        seed=seed,
-    )
+    train_set = TaxonDataset(train_store, **common, **meta, transform=worker_transform, encoded=train_encoded)
+    val_set = TaxonDataset(val_store, **common, **meta, transform=val_transform, encoded=val_encoded)
 
     mode = data_cfg.sampler.mode
     if mode == "random":
@@ -166,20 +219,37 @@ def build_data(
     val_batches = [val_share[i : i + val_bs].tolist() for i in range(0, len(val_share), val_bs)]
 
     workers = data_cfg.num_workers
-    loader_args = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
+    loader_args = dict(
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=data_cfg.prefetch_factor if workers > 0 else None,
+    )
     # own generators: creating a loader iterator must not draw from the global RNG, or a resumed
     # run would see different dropout masks than an uninterrupted one
     train_loader = DataLoader(
-        train_set, batch_sampler=train_batches, generator=torch.Generator(), **loader_args
+        train_set,
+        batch_sampler=train_batches,
+        collate_fn=train_set.collate,
+        generator=torch.Generator(),
+        **loader_args,
     )
-    val_loader = DataLoader(val_set, batch_sampler=val_batches, generator=torch.Generator(), **loader_args)
+    val_loader = DataLoader(
+        val_set,
+        batch_sampler=val_batches,
+        collate_fn=val_set.collate,
+        generator=torch.Generator(),
+        **loader_args,
+    )
     log.info(
-        "data: %s | %d train / %d val images | %s | metadata: %s",
+        "data: %s | %d train / %d val images | %s | metadata: %s | decode %s, cache %s",
         labels_path,
         len(train_idx),
         len(val_idx),
         taxonomy.summary(),
         table.meta_dims or "none",
+        data_cfg.decode,
+        data_cfg.cache,
     )
     return DataBundle(
         taxonomy=taxonomy,
@@ -189,6 +259,7 @@ def build_data(
         train_batches=train_batches,
         num_train=len(train_idx),
         num_val=len(val_idx),
+        prepare=PrepareBatch(mean, std),
         step_transform=step_transform,
         class_counts=[
             np.bincount(targets[train_idx, t], minlength=n) for t, n in enumerate(taxonomy.num_classes)

@@ -1,10 +1,13 @@
 """Per-image preprocessing: the random training pipeline and the deterministic load/evaluation steps.
 
-Every transform takes a (3, H, W) uint8 tensor and draws its randomness from torch's global RNG, so
-one pipeline serves both places augmentation can run: per sample in the loader workers
-(``augmentation.device=cpu``), or per sample on the batch's device inside the training step
-(``augmentation.device=gpu``, see ``linnaeus.augment.pipeline``). Run under
-``seeded_rng(sample_seed(seed, epoch, index))``, a sample is augmented identically in both places.
+Images stay uint8 from the decoder through the loader; ``normalize_images`` turns a batch into
+normalised float on its device (``DataBundle.prepare``). The random uint8 pipeline
+(``build_train_augment``) draws from torch's global RNG, so one pipeline serves both places it can
+run: per sample in the loader workers (``augmentation.device=cpu``), or per sample on the batch's
+device inside the training step (``augmentation.device=gpu``, see ``linnaeus.augment.pipeline``).
+Run under ``seeded_rng(sample_seed(seed, epoch, index))``, a sample is augmented identically in both
+places. Random erasing acts on normalised values, so it always runs in the step
+(``StepImageTransform``), from a seed of its own.
 
 Auto-augment policies take timm's names. Two are built from torchvision's tensor ops and run on any
 device: ``rand-...-inc1`` (timm's RandAugment grammar: ``m``, ``n``, ``p``, ``mstd``, ``mmax``) and
@@ -200,13 +203,10 @@ def _posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     return ImageOps.posterize(image, bits_to_keep)
 
 
-def build_train_transform(
-    aug_cfg, image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> v2.Compose:
-    """Random resized crop, flips, auto-augment policy, colour jitter, normalisation, random erasing.
-
-    (3, H, W) uint8 in, (3, image_size, image_size) float out; on any device.
-    """
+def build_train_augment(aug_cfg, image_size: int, mean: Sequence[float]) -> v2.Compose:
+    """Random resized crop, flips, auto-augment policy, colour jitter: (3, H, W) uint8 in,
+    (3, image_size, image_size) uint8 out; on any device. Normalisation and random erasing follow
+    on the batch's device (``normalize_images``, ``StepImageTransform``)."""
     steps: list = [
         v2.RandomResizedCrop(
             image_size, scale=tuple(aug_cfg.scale), ratio=tuple(aug_cfg.ratio), antialias=True
@@ -221,40 +221,103 @@ def build_train_transform(
     if aug_cfg.color_jitter > 0:
         s = aug_cfg.color_jitter
         steps.append(v2.ColorJitter(brightness=s, contrast=s, saturation=s))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    erase = aug_cfg.random_erase
-    if erase.prob > 0:
-        if erase.mode not in ERASE_MODES:
-            raise ValueError(
-                f"augmentation.random_erase.mode={erase.mode!r}; valid modes: {', '.join(ERASE_MODES)}"
-            )
-        steps.append(
-            v2.RandomErasing(
-                p=erase.prob, scale=tuple(erase.area), ratio=(0.3, 1 / 0.3), value=ERASE_MODES[erase.mode]
-            )
-        )
     return v2.Compose(steps)
+
+
+def build_random_erase(aug_cfg) -> v2.RandomErasing | None:
+    """Random erasing of normalised images (None when off)."""
+    erase = aug_cfg.random_erase
+    if erase.mode not in ERASE_MODES:
+        raise ValueError(
+            f"augmentation.random_erase.mode={erase.mode!r}; valid modes: {', '.join(ERASE_MODES)}"
+        )
+    if erase.prob <= 0:
+        return None
+    return v2.RandomErasing(
+        p=erase.prob, scale=tuple(erase.area), ratio=(0.3, 1 / 0.3), value=ERASE_MODES[erase.mode]
+    )
+
+
+def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(..., 3, H, W) uint8 -> float32 ``(x / 255 - mean) / std``, on the images' device."""
+    return F.normalize(F.to_dtype(images, torch.float32, scale=True), list(mean), list(std))
+
+
+def quantize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """The inverse of ``normalize_images`` back to uint8; exact on its outputs (the error is ~1e-5 of a level)."""
+    mean_t = torch.as_tensor(list(mean), dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(list(std), dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return (images * std_t + mean_t).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def erase_seed(seed: int) -> int:
+    """The seed random erasing draws from for a sample whose augmentation seed is ``seed``."""
+    return (seed * 6364136223846793005 + 1442695040888963407) % 2**63
+
+
+class StepImageTransform:
+    """The per-sample image augmentation the training step applies, to normalised float images.
+
+    ``augment`` (``augmentation.device=gpu``): the uint8 pipeline, run on the image quantised back to
+    uint8 (exact) and normalised again. ``erase``: random erasing, which acts on normalised values and
+    so always runs here, after ``DataBundle.prepare``. Each part draws from its own seed, so a sample
+    gets the same image whichever side ran ``augment``.
+    """
+
+    def __init__(
+        self,
+        augment: v2.Compose | None,
+        erase: v2.RandomErasing | None,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
+        self.augment, self.erase = augment, erase
+        self.mean, self.std = list(mean), list(std)
+
+    @property
+    def transforms(self) -> list:
+        return list(self.augment.transforms) if self.augment is not None else []
+
+    def __call__(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        """(3, L, L) normalised float -> (3, S, S) normalised float, a function of ``seed``."""
+        if self.augment is not None:
+            with seeded_rng(seed, image.device):
+                image = normalize_images(
+                    self.augment(quantize_images(image, self.mean, self.std)), self.mean, self.std
+                )
+        if self.erase is not None:
+            with seeded_rng(erase_seed(seed), image.device):
+                image = self.erase(image)
+        return image
+
+
+def build_resize_crop(resize: int, crop: int) -> v2.Compose:
+    """Deterministic: resize the short side to ``resize`` and centre-crop a ``crop`` square; stays uint8."""
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop)])
 
 
 def build_load_transform(size: int) -> v2.Compose:
     """Deterministic: resize the short side to ``size`` and centre-crop a square; stays uint8."""
-    return v2.Compose([v2.Resize(size, antialias=True), v2.CenterCrop(size)])
+    return build_resize_crop(size, size)
 
 
 def build_image_transforms(
     aug_cfg, image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> tuple[v2.Compose, v2.Compose | None]:
+) -> tuple[v2.Compose, StepImageTransform | None]:
     """(what the loader workers apply to a training image, what the training step applies on the device).
 
-    ``augmentation.device=cpu``: workers run the whole random pipeline, the step nothing (None).
-    ``augmentation.device=gpu``: workers only resize to ``load_size`` (a fixed size, so images batch),
-    the step runs the same random pipeline on the batch's device.
+    Workers always hand over uint8 images; ``DataBundle.prepare`` normalises them on the device.
+    ``augmentation.device=cpu``: workers run the uint8 random pipeline; the step only random erasing
+    (None when that is off). ``augmentation.device=gpu``: workers only resize to ``load_size`` (a
+    fixed size, so images batch); the step runs the same random pipeline on the batch's device.
     """
-    train = build_train_transform(aug_cfg, image_size, mean, std)
+    augment = build_train_augment(aug_cfg, image_size, mean)
+    erase = build_random_erase(aug_cfg)
     if aug_cfg.device == "cpu":
-        return train, None
+        return augment, None if erase is None else StepImageTransform(None, erase, mean, std)
     if aug_cfg.device == "gpu":
-        return build_load_transform(load_size_for(aug_cfg, image_size)), train
+        load = build_load_transform(load_size_for(aug_cfg, image_size))
+        return load, StepImageTransform(augment, erase, mean, std)
     raise ValueError(f"augmentation.device must be cpu or gpu, got {aug_cfg.device!r}")
 
 
@@ -263,15 +326,36 @@ def load_size_for(aug_cfg, image_size: int) -> int:
     return aug_cfg.load_size or math.floor(image_size / 0.875 + 0.5)
 
 
+def eval_resize_for(image_size: int, crop_pct: float) -> int:
+    """The short side validation resizes to before its centre crop."""
+    return math.floor(image_size / crop_pct + 0.5)
+
+
+def train_min_side(aug_cfg, image_size: int) -> int:
+    """The short side a training image must keep when decoded so that no crop is upsampled more than
+    at full size: ``load_size`` when the device augments, else what the smallest random crop needs."""
+    if aug_cfg.device == "gpu":
+        return load_size_for(aug_cfg, image_size)
+    shrink = math.sqrt(min(aug_cfg.scale) * min(min(aug_cfg.ratio), 1 / max(aug_cfg.ratio), 1.0))
+    return math.ceil(image_size / max(shrink, 1e-3))
+
+
+def build_eval_load_transform(image_size: int, crop_pct: float = 1.0) -> v2.Compose:
+    """Validation in the loader: resize the short side to image_size / crop_pct, centre-crop; uint8."""
+    return build_resize_crop(eval_resize_for(image_size, crop_pct), image_size)
+
+
 def build_eval_transform(
     image_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float = 1.0
 ) -> v2.Compose:
-    """Resize the short side to image_size / crop_pct, centre-crop, normalise; no randomness."""
-    resize = math.floor(image_size / crop_pct + 0.5)
+    """Resize the short side to image_size / crop_pct, centre-crop, normalise; no randomness.
+
+    For single images (prediction, export); the loader stops at uint8 (``build_eval_load_transform``)
+    and ``DataBundle.prepare`` normalises the batch on its device, with the same result.
+    """
     return v2.Compose(
         [
-            v2.Resize(resize, antialias=True),
-            v2.CenterCrop(image_size),
+            build_eval_load_transform(image_size, crop_pct),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(list(mean), list(std)),
         ]

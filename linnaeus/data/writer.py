@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -124,17 +125,58 @@ def write_labels_h5(
     return valid_counts
 
 
-def write_images_h5(path: str | Path, identifiers: list[str], images: Iterable[bytes]) -> None:
-    """Write encoded image bytes, one row per identifier, in the identifiers' order."""
-    n = len(identifiers)
-    with atomic_h5(Path(path)) as h5:
-        _strings(h5, "img_identifiers", identifiers)
-        ds = h5.create_dataset("images", (n,), dtype=h5py.vlen_dtype(np.uint8))
-        count = 0
-        for i, data in enumerate(images):
-            if i >= n:
-                raise ValueError(f"more images than the {n} identifiers")
-            ds[i] = np.frombuffer(data, dtype=np.uint8)
-            count += 1
-        if count != n:
+IMAGE_LAYOUTS = ("contiguous", "vlen")
+_WRITE_BLOCK = 64 << 20  # bytes gathered before one HDF5 write
+
+
+def write_images_h5(
+    path: str | Path,
+    identifiers: list[str] | None,
+    images: Iterable[bytes | np.ndarray],
+    *,
+    layout: str = "contiguous",
+) -> None:
+    """Write encoded image bytes, one row per identifier, in the identifiers' order.
+
+    ``layout="contiguous"`` (the default): dataset ``images`` (total_bytes,) uint8, contiguous (no chunks,
+    no compression), the files back to back, and ``offsets`` (N + 1,) int64, row i being
+    ``images[offsets[i]:offsets[i + 1]]``; readers memory-map it (see ``linnaeus.data.images``).
+    ``layout="vlen"``: ``images`` (N,) variable-length uint8, as earlier versions wrote.
+    ``identifiers=None`` writes no ``img_identifiers`` (rows then match the labels file by position).
+    Images may come from a generator: contiguous bytes are spooled to a temporary file next to
+    ``path`` first (their total size fixes the dataset's shape), so memory use stays bounded.
+    """
+    if layout not in IMAGE_LAYOUTS:
+        raise ValueError(f"layout must be one of {IMAGE_LAYOUTS}, got {layout!r}")
+    path = Path(path)
+    n = None if identifiers is None else len(identifiers)
+    with atomic_h5(path) as h5:
+        if identifiers is not None:
+            _strings(h5, "img_identifiers", identifiers)
+        if layout == "vlen":
+            rows = list(images) if n is None else images
+            size = len(rows) if n is None else n
+            ds = h5.create_dataset("images", (size,), dtype=h5py.vlen_dtype(np.uint8))
+            count = 0
+            for i, data in enumerate(rows):
+                if i >= size:
+                    raise ValueError(f"more images than the {n} identifiers")
+                ds[i] = np.frombuffer(data, dtype=np.uint8)
+                count += 1
+        else:
+            with tempfile.TemporaryFile(dir=path.parent, prefix=f".{path.name}.bytes-") as spool:
+                offsets = [0]
+                for data in images:
+                    offsets.append(offsets[-1] + spool.write(memoryview(data).cast("B")))
+                count = len(offsets) - 1
+                if n is not None and count > n:
+                    raise ValueError(f"more images than the {n} identifiers")
+                ds = h5.create_dataset("images", (offsets[-1],), dtype=np.uint8)  # contiguous
+                spool.seek(0)
+                for start in range(0, offsets[-1], _WRITE_BLOCK):
+                    block = np.frombuffer(spool.read(_WRITE_BLOCK), dtype=np.uint8)
+                    ds[start : start + len(block)] = block
+                h5.create_dataset("offsets", data=np.asarray(offsets, dtype=np.int64))
+            ds.attrs["layout"] = "contiguous"
+        if n is not None and count != n:
             raise ValueError(f"got {count} images for {n} identifiers")

@@ -1,0 +1,234 @@
+"""``data.cache=ram``: every image decoded once, at the size its loader uses, into shared uint8 arrays.
+
+One array per split: training images (N, 3, L, L) at the load size L (``augmentation.load_size``,
+default image_size / 0.875), validation images (M, 3, S, S) exactly as validation crops them. Each is
+a file under ``data.ram_cache_dir`` (default ``/dev/shm``, i.e. memory), named by a key of the images
+source (path, size, modification time), the rows and the geometry. Local rank 0 of a node checks the
+memory budget for both, fills each file (in ``data.num_workers`` processes, each writing its share in
+place) under a temporary name and renames it; the node's other ranks wait for the name and map it. So a node decodes every image once and holds one copy, shared by its ranks and all
+their loader workers (a memory map of a tmpfs file: the page cache is the array). A complete file
+of another live run with the same key is used as it is. The rank that filled the file deletes it
+when it exits; processes that mapped it keep their mapping until they exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import hashlib
+import logging
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from linnaeus.data.images import FolderImageStore, H5ImageStore, map_file
+from linnaeus.data.labels import DatasetError
+from linnaeus.data.transforms import build_resize_crop
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+WAIT_GRACE_S = 120.0  # a waiting rank gives up when no rank has started filling after this long
+
+
+def cache_key(
+    store: H5ImageStore | FolderImageStore, rows: np.ndarray, identifiers: list[str], resize: int, crop: int
+) -> str:
+    """A name for the cached array of these rows of this source at this geometry."""
+    source = Path(store.root if isinstance(store, FolderImageStore) else store.path).resolve()
+    stat = source.stat()
+    text = f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{resize}|{crop}|v{CACHE_VERSION}"
+    digest = hashlib.sha256(text.encode())
+    digest.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
+    digest.update("\0".join(identifiers).encode())
+    return digest.hexdigest()[:24]
+
+
+def available_bytes(directory: Path) -> int:
+    """Free space in ``directory`` and, for memory-backed folders, free memory: the smaller of the two."""
+    stat = os.statvfs(directory)
+    free = stat.f_bavail * stat.f_frsize
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return min(free, int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    return free
+
+
+def check_budget(needed: int, available: int, what: str, directory: Path) -> None:
+    """Fail with one line naming both numbers when the cache does not fit."""
+    if needed > available:
+        raise DatasetError(
+            f"data.cache=ram needs {needed:,} bytes ({needed / 2**30:.2f} GiB) for {what}, but only "
+            f"{available:,} bytes ({available / 2**30:.2f} GiB) are available in {directory} and free memory; "
+            "use data.cache=none, a smaller data.image_size or augmentation.load_size, or point "
+            "data.ram_cache_dir at a larger memory-backed folder"
+        )
+
+
+@dataclass(frozen=True)
+class CachePart:
+    """Rows of a store to cache, each resized (short side) to ``resize`` and centre-cropped to ``crop``."""
+
+    image_rows: np.ndarray
+    identifiers: np.ndarray
+    resize: int
+    crop: int
+
+
+class RamImageStore:
+    """Decoded (3, L, L) uint8 images from the cache file; ``read`` is a copy out of shared memory."""
+
+    encoded = False
+    min_side = None
+
+    def __init__(self, file: Path, rows: np.ndarray, size: int, source: Path) -> None:
+        self.file, self.rows, self.size, self.path = Path(file), rows, size, source  # size: of the square
+        self._images: np.ndarray | None = None
+        self._pid = -1
+
+    def with_min_side(self, min_side: int | None) -> RamImageStore:
+        return self  # decoded already
+
+    def _array(self) -> np.ndarray:
+        if self._pid != os.getpid():
+            shape = (len(self.rows), 3, self.size, self.size)
+            self._images = map_file(self.file, 0, int(np.prod(shape))).reshape(shape)
+            self._pid = os.getpid()
+        return self._images
+
+    def read(self, row: int, identifier: str) -> torch.Tensor:
+        slot = int(np.searchsorted(self.rows, row))
+        return torch.from_numpy(np.array(self._array()[slot]))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_images": None, "_pid": -1}
+
+
+_FILL: dict = {}
+
+
+def _fill_init(
+    store, rows: np.ndarray, identifiers: list[str], part: CachePart, file: str, is_worker: bool
+) -> None:
+    if is_worker:
+        torch.set_num_threads(1)  # one decoding process per core
+    shape = (len(rows), 3, part.crop, part.crop)
+    _FILL.update(
+        store=store, rows=rows, identifiers=identifiers, load=build_resize_crop(part.resize, part.crop)
+    )
+    _FILL["images"] = np.memmap(file, dtype=np.uint8, mode="r+", shape=shape)
+
+
+def _fill_range(bounds: tuple[int, int]) -> int:
+    store, rows, identifiers, load, images = (
+        _FILL[k] for k in ("store", "rows", "identifiers", "load", "images")
+    )
+    for slot in range(*bounds):
+        images[slot] = load(store.read(int(rows[slot]), identifiers[slot])).numpy()
+    images.flush()
+    return bounds[1] - bounds[0]
+
+
+def _fill(store, rows: np.ndarray, identifiers: list[str], part: CachePart, file: Path, workers: int) -> None:
+    count = len(rows)
+    with open(file, "wb") as f:
+        f.truncate(count * 3 * part.crop * part.crop)
+    chunk = max(1, min(512, count // max(1, 4 * workers) + 1))
+    ranges = [(start, min(count, start + chunk)) for start in range(0, count, chunk)]
+    args = (store, rows, identifiers, part, str(file), workers > 1)
+    started, done = time.perf_counter(), 0
+    if workers <= 1:
+        _fill_init(*args)
+        results = map(_fill_range, ranges)
+        pool = None
+    else:
+        pool = mp.get_context("fork").Pool(workers, initializer=_fill_init, initargs=args)
+        results = pool.imap_unordered(_fill_range, ranges)
+    try:
+        for n in results:
+            done += n
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        _FILL.clear()
+    log.info("data.cache=ram: decoded %d images in %.1f s", done, time.perf_counter() - started)
+
+
+def build_ram_cache(
+    store: H5ImageStore | FolderImageStore,
+    parts: list[CachePart],
+    *,
+    directory: str | Path = "/dev/shm",
+    workers: int = 1,
+    local_rank: int = 0,
+    available: int | None = None,
+    timeout: float = 6 * 3600.0,
+) -> list[RamImageStore]:
+    """Each part's rows of ``store`` decoded, resized and centre-cropped, in shared memory (one file each).
+
+    The budget is checked once for every part not cached yet, before anything is decoded.
+    ``available``: bytes the check may use (default: ``available_bytes(directory)``).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DatasetError(f"data.ram_cache_dir={directory} is not a folder; point it at a memory-backed one")
+    source = Path(store.root if isinstance(store, FolderImageStore) else store.path)
+    plans = []
+    for part in parts:
+        rows, first = np.unique(np.asarray(part.image_rows, dtype=np.int64), return_index=True)
+        names = [str(part.identifiers[i]) for i in first]
+        key = cache_key(store, rows, names, part.resize, part.crop)
+        final = directory / f"linnaeus-cache-{key}.u8"
+        needed = len(rows) * 3 * part.crop * part.crop
+        plans.append((part, rows, names, final, needed, final.is_file() and final.stat().st_size == needed))
+    if local_rank == 0:
+        todo = [p for p in plans if not p[5]]
+        what = " and ".join(f"{len(rows)} images of 3 x {part.crop} x {part.crop}" for part, rows, *_ in todo)
+        room = available_bytes(directory) if available is None else available
+        check_budget(sum(p[4] for p in todo), room, what, directory)
+    caches = []
+    for part, rows, names, final, needed, present in plans:
+        if needed == 0:  # e.g. no validation split
+            pass
+        elif local_rank != 0:
+            _wait_for(final, needed, timeout)
+        elif not present:
+            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+            log.info(
+                "data.cache=ram: decoding %d images at %d px into %s (%.2f GiB)",
+                len(rows), part.crop, final, needed / 2**30,
+            )  # fmt: skip
+            try:
+                _fill(store.with_min_side(part.resize), rows, names, part, tmp, workers)
+                os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
+            atexit.register(final.unlink, missing_ok=True)
+        else:
+            log.info("data.cache=ram: using %s, filled by another run", final)
+        caches.append(RamImageStore(final, rows, part.crop, source))
+    return caches
+
+
+def _wait_for(final: Path, needed: int, timeout: float) -> None:
+    """Wait until local rank 0 has renamed the filled cache into place."""
+    started = time.monotonic()
+    while not (final.is_file() and final.stat().st_size == needed):
+        waited = time.monotonic() - started
+        filling = glob.glob(str(final.with_name(f".{final.name}.tmp-*")))
+        if waited > timeout or (waited > WAIT_GRACE_S and not filling):
+            raise DatasetError(
+                f"data.cache=ram: waited {waited:.0f} s for local rank 0 to fill {final}, which "
+                f"{'is still filling' if filling else 'has not started'}; check that rank's log"
+            )
+        time.sleep(0.5)

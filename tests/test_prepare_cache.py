@@ -1,0 +1,206 @@
+"""uint8 batches and ``DataBundle.prepare``, decoding on the device (data.decode=gpu, CPU fallback) and
+the shared RAM cache (data.cache=ram), on real HDF5 datasets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import v2
+
+import linnaeus.data.prepare as prepare_module
+from linnaeus.data.cache import CachePart, build_ram_cache
+from linnaeus.data.images import BadImageError, H5ImageStore
+from linnaeus.data.labels import DatasetError
+from linnaeus.data.loader import build_data
+from linnaeus.data.prepare import EncodedImages, PrepareBatch
+from linnaeus.data.transforms import build_eval_transform, build_train_augment, sample_seed, seeded_rng
+from linnaeus.data.writer import write_images_h5, write_labels_h5
+from tests.test_augment import compose_cfg
+from tests.test_image_layouts import encode, photo
+
+N = 24
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """24 photos-like images, JPEG and PNG, 40-63 px, two ranks."""
+    root = tmp_path_factory.mktemp("data")
+    identifiers, files = [], []
+    for i in range(N):
+        fmt = "PNG" if i % 3 == 0 else "JPEG"
+        array = photo(40 + i, 63 - i // 2, seed=i)
+        files.append(encode(array, fmt, **({"quality": 90} if fmt == "JPEG" else {})))
+        identifiers.append(f"img_{i:02d}.{fmt.lower()}")
+    write_images_h5(root / "images.h5", identifiers, files)
+    species = np.arange(N) % 4
+    write_labels_h5(
+        root / "labels.h5", identifiers, {"taxa_L20": 10 + species // 2, "taxa_L10": 20 + species}
+    )
+    return root
+
+
+def data_for(dataset, *overrides: str, workers: int = 0):
+    cfg = compose_cfg(
+        "data=h5",
+        f"data.labels={dataset / 'labels.h5'}",
+        f"data.images={dataset / 'images.h5'}",
+        "data.image_size=32",
+        "data.val_crop_pct=0.875",  # validation resizes to 37 px, the default load size for 32 px
+        "data.batch_size=8",
+        "data.val_fraction=0.25",
+        f"data.num_workers={workers}",
+        "data.check_images=false",
+        *overrides,
+    )
+    return cfg, build_data(cfg.data, cfg.augmentation, run_dir=None, seed=5)
+
+
+def first_train_batch(data, epoch: int = 0) -> dict:
+    data.train_batches.set_epoch(epoch)
+    return next(iter(data.train_loader))
+
+
+def test_uint8_batches_and_prepare_equal_the_float_pipeline(dataset):
+    """The loader hands over uint8; prepare normalises on the device: the same numbers as normalising
+    per sample in the worker (the previous pipeline)."""
+    cfg, data = data_for(dataset, "augmentation=default")
+    store = H5ImageStore(dataset / "images.h5")
+    batch = first_train_batch(data)
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (8, 3, 32, 32)
+    prepared = data.prepare(batch)
+    assert prepared["images"].dtype == torch.float32
+    float_pipeline = v2.Compose(
+        [
+            build_train_augment(cfg.augmentation, 32, MEAN),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
+    ds = data.train_loader.dataset
+    expected = []
+    for index in batch["index"].tolist():
+        image = store.read(int(ds.image_rows[index]), str(ds.identifiers[index]))
+        with seeded_rng(sample_seed(5, 0, index)):
+            expected.append(float_pipeline(image))
+    torch.testing.assert_close(prepared["images"], torch.stack(expected), rtol=0, atol=1e-6)
+
+    val = next(iter(data.val_loader))
+    assert val["images"].dtype == torch.uint8 and val["images"].shape[1:] == (3, 32, 32)
+    eval_float = build_eval_transform(32, MEAN, STD, crop_pct=0.875)
+    expected = [
+        eval_float(store.read(int(ds.image_rows[i]), str(ds.identifiers[i]))) for i in val["index"].tolist()
+    ]
+    torch.testing.assert_close(data.prepare(val)["images"], torch.stack(expected), rtol=0, atol=1e-6)
+    with pytest.raises(TypeError, match="expects the loader's uint8 images, got torch.float32"):
+        data.prepare(prepared)  # once per batch
+
+
+@pytest.fixture
+def jpeg_calls(monkeypatch) -> list[int]:
+    """Records how many files each torchvision.io.decode_jpeg call received."""
+    calls: list[int] = []
+    real = prepare_module.decode_jpeg
+
+    def spy(files, **kwargs):
+        calls.append(len(files) if isinstance(files, list) else 1)
+        return real(files, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "decode_jpeg", spy)
+    return calls
+
+
+def test_gpu_decode_path_falls_back_to_cpu_for_png_and_equals_the_cpu_path(dataset, jpeg_calls):
+    """data.decode=gpu on a CPU machine: the batch is moved to "cpu" instead of "cuda", which runs the
+    same code (one batched decode_jpeg call, PNGs through the CPU decoder)."""
+    gpu_args = ("augmentation=default", "augmentation.device=gpu", "data.decode=gpu")
+    _, on_device = data_for(dataset, *gpu_args, workers=2)  # EncodedImages cross the worker boundary
+    _, in_workers = data_for(dataset, "augmentation=default", "augmentation.device=gpu")
+    for loader in ("train_loader", "val_loader"):
+        if loader == "train_loader":
+            encoded, decoded = first_train_batch(on_device), first_train_batch(in_workers)
+        else:
+            encoded, decoded = next(iter(on_device.val_loader)), next(iter(in_workers.val_loader))
+        images = encoded["images"]
+        assert isinstance(images, EncodedImages)
+        assert torch.equal(encoded["index"], decoded["index"])
+        pngs = sum(not prepare_module.is_jpeg(f) for f in images.files())
+        assert 0 < pngs < len(images)
+        jpeg_calls.clear()
+        got = on_device.prepare({**encoded, "images": images.to("cpu", non_blocking=True)})
+        assert jpeg_calls == [len(images) - pngs]  # one call for every JPEG of the batch
+        expected = in_workers.prepare(decoded)
+        assert got["images"].shape == expected["images"].shape
+        assert torch.equal(got["images"], expected["images"]), loader
+
+
+def test_gpu_decode_names_a_bad_image_and_checks_its_settings(dataset):
+    good = encode(photo(20, 20, 0), "JPEG", quality=90)
+    packed = EncodedImages.pack(
+        [np.frombuffer(good, np.uint8), np.frombuffer(b"\xff\xd8\xff broken", np.uint8)],
+        ["a.jpg", "b.jpg"],
+        16,
+        16,
+    )
+    with pytest.raises(BadImageError, match="image 'b.jpg': cannot decode"):
+        PrepareBatch(MEAN, STD)({"images": packed})
+    with pytest.raises(ValueError, match="data.decode=gpu decodes on the device.*augmentation.device=gpu"):
+        data_for(dataset, "data.decode=gpu")
+    with pytest.raises(ValueError, match="data.cache=ram holds decoded images"):
+        data_for(dataset, "data.decode=gpu", "augmentation.device=gpu", "data.cache=ram")
+
+
+def test_ram_cache_gives_the_same_images_as_no_cache(dataset, tmp_path):
+    args = ("augmentation=default", "augmentation.device=gpu")  # workers load 37 px squares, the cache size
+    _, plain = data_for(dataset, *args)
+    _, cached = data_for(dataset, *args, f"data.ram_cache_dir={tmp_path}", "data.cache=ram", workers=2)
+    num_train, num_val = cached.num_train, cached.num_val
+    sizes = sorted(f.stat().st_size for f in tmp_path.glob("linnaeus-cache-*.u8"))
+    # one array per split, every image once: training at the load size, validation as it is cropped
+    assert sizes == sorted([num_train * 3 * 37 * 37, num_val * 3 * 32 * 32]) and num_train + num_val == N
+    assert not list(tmp_path.glob(".*tmp*"))
+    for epoch in (0, 1):
+        a, b = first_train_batch(plain, epoch), first_train_batch(cached, epoch)
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["images"], b["images"])
+    a, b = next(iter(plain.val_loader)), next(iter(cached.val_loader))
+    assert torch.equal(a["images"], b["images"])
+
+    class Unreadable(H5ImageStore):
+        def read(self, row, identifier):
+            raise AssertionError("another local rank decoded an image")
+
+    # another rank of the node maps the filled arrays without decoding anything
+    ds, val = cached.train_loader.dataset, cached.val_loader.dataset
+    parts = [
+        CachePart(ds.store.rows, ds.identifiers[ds.store.rows], 37, 37),  # the rows are the label rows here
+        CachePart(val.store.rows, val.identifiers[val.store.rows], 37, 32),
+    ]
+    other = build_ram_cache(Unreadable(dataset / "images.h5"), parts, directory=tmp_path, local_rank=1)
+    assert [o.file for o in other] == [ds.store.file, val.store.file]
+    for mine, theirs in zip(other, (ds.store, val.store)):
+        for row in theirs.rows.tolist():
+            assert torch.equal(mine.read(row, ""), theirs.read(row, ""))
+
+
+def test_ram_cache_memory_budget_error(dataset, tmp_path):
+    store = H5ImageStore(dataset / "images.h5")
+    ids = np.array([f"{i}" for i in range(N)], dtype=object)
+    parts = [CachePart(np.arange(18), ids[:18], 37, 37), CachePart(np.arange(18, N), ids[18:], 37, 32)]
+    with pytest.raises(DatasetError) as err:
+        build_ram_cache(store, parts, directory=tmp_path, available=50_000)
+    message = str(err.value)
+    assert "\n" not in message
+    needed = 18 * 3 * 37 * 37 + 6 * 3 * 32 * 32
+    assert (
+        f"data.cache=ram needs {needed:,} bytes (0.00 GiB) for 18 images of 3 x 37 x 37 and 6 images"
+        in message
+    )
+    assert "only 50,000 bytes (0.00 GiB) are available" in message and "data.cache=none" in message
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_config_groups_compose_with_the_new_keys():
+    cfg = compose_cfg("data=h5", "data.labels=x", "data.images=y")
+    assert (cfg.data.decode, cfg.data.cache, cfg.data.ram_cache_dir) == ("cpu", "none", "/dev/shm")
+    assert cfg.data.prefetch_factor >= 2
