@@ -34,6 +34,12 @@ class MetaMaskConfig:
 
 
 @dataclass
+class AutoBatchConfig:
+    safety: float = MISSING  # fraction of the largest fitting batch that is used
+    max: int = MISSING  # largest batch size tried
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     labels: str | None = MISSING
@@ -47,9 +53,13 @@ class DataConfig:
     val_crop_pct: float = MISSING
     mean: list[float] = MISSING
     std: list[float] = MISSING
-    batch_size: int = MISSING
+    batch_size: Any = MISSING  # per process; a whole number or "auto" (the largest that fits the GPU)
     val_batch_size: int | None = MISSING
     num_workers: int = MISSING
+    prefetch_factor: int = MISSING  # batches each loader worker prepares ahead
+    decode: str = MISSING  # cpu (loader workers) | gpu (nvJPEG on the batch's device)
+    cache: str = MISSING  # none | ram (decoded once into shared memory)
+    ram_cache_dir: str = MISSING  # memory-backed folder holding the RAM cache
     val_fraction: float = MISSING
     split_seed: int = MISSING
     on_conflict: str = MISSING  # error | drop
@@ -57,6 +67,7 @@ class DataConfig:
     bad_images: str = MISSING  # error | drop
     max_bad_images: int = MISSING
     max_bad_fraction: float = MISSING
+    auto_batch: AutoBatchConfig = field(default_factory=AutoBatchConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     meta_mask: MetaMaskConfig = field(default_factory=MetaMaskConfig)
 
@@ -150,15 +161,20 @@ class LossConfig:
 
 @dataclass
 class SchedulerConfig:
-    name: str = MISSING  # cosine | linear | constant
+    name: str = MISSING  # cosine | linear | constant | step | wsd
     warmup_steps: int | None = MISSING
     warmup_fraction: float = MISSING
     min_lr_ratio: float = MISSING
+    milestones: list[float] = MISSING  # step: steps (>= 1) or fractions of the run (< 1)
+    gamma: float = MISSING
+    decay_fraction: float = MISSING  # wsd
+    decay_shape: str = MISSING  # wsd: linear | cosine | 1-sqrt
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = MISSING
+    every_minutes: float | None = MISSING  # also checkpoint when this much time passed since the last one
     keep_last: int = MISSING
     auto_resume: bool = MISSING
     monitor: str | None = MISSING  # metric key; null = val top-1 at the finest rank
@@ -182,6 +198,22 @@ class LoggerConfig:
 
 
 @dataclass
+class EMAConfig:
+    decay: float | None = MISSING  # null = no EMA
+    warmup: bool = MISSING
+    warmup_power: float = MISSING
+    every: int = MISSING  # optimizer steps between updates
+
+
+@dataclass
+class EarlyStopConfig:
+    monitor: str | None = MISSING  # null = never stop early
+    mode: str = MISSING  # max | min
+    patience: int = MISSING  # validations without improvement
+    min_delta: float = MISSING
+
+
+@dataclass
 class TrainConfig:
     epochs: int = MISSING
     max_steps: int | None = MISSING
@@ -195,6 +227,9 @@ class TrainConfig:
     val_every: int = MISSING  # steps; 0 = at the end of every epoch
     limit_val_batches: int | None = MISSING
     val_mask_components: bool = MISSING  # also validate with each metadata component masked
+    max_bad_steps: int = MISSING  # non-finite steps skipped before the run stops (0: stop at the first)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
 
 @dataclass

@@ -30,8 +30,9 @@ def calibration_bins(
     masked = logits[known].float().clone()
     masked[:, null_index] = float("-inf")
     confidence, top1 = torch.softmax(masked, dim=1).max(dim=1)
+    confidence = torch.nan_to_num(confidence, nan=0.0)  # non-finite logits: no confidence, no crash
     correct = (top1 == targets[known]).double()
-    bins = (confidence * num_bins).long().clamp_(max=num_bins - 1)
+    bins = (confidence * num_bins).long().clamp_(min=0, max=num_bins - 1)
     out = torch.zeros(3, num_bins, dtype=torch.float64, device=logits.device)
     out[0].index_add_(0, bins, torch.ones_like(correct))
     out[1].index_add_(0, bins, confidence.double())
@@ -79,7 +80,7 @@ class MetricAccumulator:
         self.taxonomy = taxonomy
         t = taxonomy.num_tasks
         # rows: top1 correct, top5 correct, known count (per task); then chain hits, chain count,
-        # mistakes, summed mistake distance, loss sum, loss batches; then summed top-k distance, top-k
+        # mistakes, summed mistake distance, sample-weighted loss sum, loss samples; then summed top-k distance, top-k
         # count, consistent samples, samples; then the calibration bins (3 x ECE_BINS)
         self.counts = torch.zeros(3 * t + 10 + 3 * ECE_BINS, dtype=torch.float64, device=device)
 
@@ -108,8 +109,9 @@ class MetricAccumulator:
             self.counts[base + 2] += wrong.sum()
             self.counts[base + 3] += tax.distance(finest, top1[wrong], targets[wrong, finest]).sum()
         if loss is not None:
-            self.counts[base + 4] += loss.detach().double()
-            self.counts[base + 5] += 1
+            # weighted by samples: a short last batch counts for what it holds
+            self.counts[base + 4] += loss.detach().double() * targets.shape[0]
+            self.counts[base + 5] += targets.shape[0]
         labelled = targets[:, finest] != null
         top_k = predictions(logits[finest][labelled], null, k=HDIST_K)  # (N, k)
         self.counts[base + 6] += tax.distance(finest, top_k, targets[labelled, finest : finest + 1]).sum()

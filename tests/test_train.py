@@ -16,6 +16,7 @@ import torch
 from linnaeus.checkpoint import load_checkpoint
 from linnaeus.logger import read_metrics
 from tests.conftest import REPO
+from tests.wandb_files import history_steps, newest_run_file
 
 FAST = ["debug=fast", "model=mformer_xs"]
 
@@ -101,14 +102,45 @@ def test_refuses_to_overwrite_checkpoints_without_auto_resume(tmp_path, demo_cac
     assert proc.returncode != 0 and "refusing to overwrite" in proc.stderr
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, demo_cache):
-    common = [
-        "train.max_steps=30",
-        "checkpoint.every_steps=5",
-        "train.val_every=10",
-        "data.num_workers=1",
-        "logger.wandb.mode=offline",
-    ]
+RESUME_COMMON = [
+    "train.max_steps=30",
+    "checkpoint.every_steps=5",
+    "train.val_every=10",
+    "train.log_every=4",  # logging windows that span the checkpoints
+    "data.num_workers=1",
+    "logger.wandb.mode=offline",
+]
+
+
+def assert_same_as_uninterrupted(straight: Path, run: Path) -> None:
+    """Final training state, bit-identical weights (and EMA), and every logged row but timings."""
+    a = load_checkpoint(straight / "checkpoints/last.pt")
+    b = load_checkpoint(run / "checkpoints/last.pt")
+    assert a["train_state"] == b["train_state"]
+    for part in ("model", "ema"):
+        if a.get(part) is None:
+            assert b.get(part) is None
+            continue
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+
+    def rows(path: Path) -> list[dict]:
+        return [
+            {k: v for k, v in r.items() if not k.startswith("perf/")}
+            for r in read_metrics(path / "metrics.jsonl")
+        ]
+
+    assert rows(straight) == rows(run)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["train.ema.decay=0.9", "optimizer=muon"]],
+    ids=["default", "ema-and-two-optimizers"],
+)
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, demo_cache, extra):
+    common = [*RESUME_COMMON, *extra]
     run_train(tmp_path / "straight", *common)
 
     run = tmp_path / "killed"
@@ -133,6 +165,10 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, de
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    assert_same_as_uninterrupted(tmp_path / "straight", run)
+    # every step in metrics.jsonl reached W&B: the resumed attempt's file holds them all
+    logged = {r["step"] for r in read_metrics(run / "metrics.jsonl")}
+    assert logged <= set(history_steps(newest_run_file(run)))
     va, vb = (
         final_val(read_metrics(tmp_path / "straight/metrics.jsonl")),
         final_val(read_metrics(run / "metrics.jsonl")),
@@ -210,3 +246,6 @@ def test_corrupt_image_stops_the_run_with_its_name_or_is_dropped_on_request(tmp_
     assert report["bad"] == 1 and report["bad_images"][0]["identifier"] == "img_0007.png"
     split = json.loads((tmp_path / "drop" / "split.json").read_text())
     assert "img_0007.png" not in json.dumps(split)
+    # a dataset without metadata is validated once: no val_nometa/* pass that would repeat val/*
+    keys = {k for r in read_metrics(tmp_path / "drop" / "metrics.jsonl") for k in r}
+    assert "val/top1/taxa_L10" in keys and not any(k.startswith("val_nometa") for k in keys)

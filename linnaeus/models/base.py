@@ -73,6 +73,25 @@ class TaxonClassifier(nn.Module):
         """The last layer every head reads from (``norm``); GradNorm balances the ranks here."""
         return list(self.norm.parameters())
 
+    def layer_order(self) -> list[str]:
+        """Module prefixes in forward order, one per layer, for layer-wise LR decay (see ``layer_ids``)."""
+        return []
+
+    def layer_ids(self) -> dict[str, int]:
+        """Layer index of every parameter, 0 at the input: a parameter takes the index of the longest
+        ``layer_order`` prefix it lies under; everything after the trunk (fusion, norm, heads) is the
+        top layer."""
+        order = self.layer_order()
+        top = len(order)
+        ids = {}
+        for name, _ in self.named_parameters():
+            best, best_len = top, -1
+            for i, prefix in enumerate(order):
+                if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_len:
+                    best, best_len = i, len(prefix)
+            ids[name] = best
+        return ids
+
     def forward_head(self, features: torch.Tensor) -> list[torch.Tensor]:
         """Features ``(B, F)`` -> one logits tensor ``(B, C_t)`` per task, coarse to fine."""
         return self.heads(features)

@@ -178,6 +178,23 @@ class HybridClassifier(TaxonClassifier):
         self.norm = nn.LayerNorm(dims[1])
         self.num_features = dims[1]
 
+    def layer_order(self) -> list[str]:
+        """Stem, every conv block, each downsampling, then each attention stage (its tokens and metadata
+        embeddings with its first block) and every attention block."""
+        order = ["stem"]
+        for name in ("conv_stage1", "down1", "conv_stage2", "down2", "attn_stage1", "down3", "attn_stage2"):
+            module = getattr(self, name)
+            if not any(True for _ in module.parameters()):
+                continue  # e.g. an identity downsampling
+            blocks = getattr(module, "blocks", None)
+            if blocks is not None:  # attention stage: tokens and metadata embeddings, then its blocks
+                order += [name] + [f"{name}.blocks.{i}" for i in range(len(blocks))]
+            elif isinstance(module, nn.Sequential) and name.startswith("conv_stage"):
+                order += [f"{name}.{i}" for i in range(len(module))]
+            else:
+                order.append(name)
+        return order
+
     def forward_features(
         self,
         images: torch.Tensor,

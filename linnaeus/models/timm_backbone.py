@@ -88,6 +88,17 @@ class TimmClassifier(TaxonClassifier):
         super().set_grad_checkpointing(enable)
         self.backbone.set_grad_checkpointing(enable)
 
+    def layer_ids(self) -> dict[str, int]:
+        """The backbone's layers as timm groups them (``group_matcher``); fusion, norm and heads on top."""
+        from timm.models import group_parameters
+
+        inner = group_parameters(self.backbone, self.backbone.group_matcher(coarse=False), reverse=True)
+        top = max(inner.values()) + 1
+        return {
+            name: inner[name[len("backbone.") :]] if name.startswith("backbone.") else top
+            for name, _ in self.named_parameters()
+        }
+
     def no_weight_decay(self) -> set[str]:
         """The backbone's own list (position embeddings, tokens) plus the missing-value embeddings."""
         backbone = getattr(self.backbone, "no_weight_decay", lambda: set())()
