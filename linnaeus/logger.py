@@ -2,6 +2,10 @@
 
 Only rank 0 gets a ``RunLogger``; other ranks get a ``NullLogger`` with the same methods, so the
 training loop never checks ranks before logging.
+
+In a sweep every job joins one W&B group named after the sweep directory, and a job that SLURM
+runs records its job id, array task and restart count in the W&B config (``cluster``) and in
+``train.log``, so a requeued job's restarts can be told apart in one W&B run.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ import logging
 import math
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
+
+from linnaeus.errors import OutputError, describe_write_error
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +39,76 @@ class NullLogger:
 
     def finish(self) -> None:
         pass
+
+
+def cluster_info(env: Mapping[str, str] = os.environ) -> dict:
+    """Where SLURM runs this process: job id, array job and task, restart count, nodes; {} outside SLURM.
+
+    ``restart_count`` counts requeues (pre-emption, timeouts handed back by submitit): 0 on the
+    first start, 1 after the first requeue, ...
+    """
+    if "SLURM_JOB_ID" not in env and "SLURM_JOBID" not in env:
+        return {}
+    info = {
+        "job_id": env.get("SLURM_JOB_ID") or env["SLURM_JOBID"],
+        "restart_count": int(env.get("SLURM_RESTART_COUNT") or 0),
+    }
+    optional = {
+        "array_job_id": "SLURM_ARRAY_JOB_ID",
+        "array_task_id": "SLURM_ARRAY_TASK_ID",
+        "partition": "SLURM_JOB_PARTITION",
+        "nodelist": "SLURM_JOB_NODELIST",
+        "num_tasks": "SLURM_NTASKS",
+        "cluster_name": "SLURM_CLUSTER_NAME",
+    }
+    for key, name in optional.items():
+        if env.get(name):
+            info[key] = env[name]
+    if "array_task_id" in info:
+        info["array_task_id"] = int(info["array_task_id"])
+    if "num_tasks" in info:
+        info["num_tasks"] = int(info["num_tasks"])
+    return info
+
+
+def sweep_group(sweep_dir: str | Path) -> str:
+    """The W&B group of a sweep's jobs: the sweep directory's last two parts (``demo/multirun``).
+
+    Derived from the directory only, so a requeued job joins the same group; the default
+    ``outputs/<name>/multirun`` gives one group per dataset name, ``hydra.sweep.dir=...`` one per sweep.
+    """
+    parts = Path(sweep_dir).parts
+    return "/".join(parts[-2:]) if len(parts) >= 2 else str(sweep_dir)
+
+
+def _hydra_sweep_dir() -> str | None:
+    """The sweep directory when this process is a job of a Hydra multirun, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):  # not started through Hydra
+        return None
+    if hydra_cfg.mode is None or hydra_cfg.mode.name != "MULTIRUN":
+        return None
+    return str(hydra_cfg.sweep.dir)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line; on a failed write (disk full) cut the file back to whole lines and raise ``OutputError``."""
+    size = path.stat().st_size if path.exists() else 0
+    try:
+        with open(path, "a") as handle:
+            handle.write(line + "\n")
+    except OSError as err:
+        try:
+            os.truncate(path, size)  # no half line for a reader or a resumed run to trip over
+        except OSError:
+            pass
+        raise OutputError(
+            describe_write_error(err, path, "metrics")
+            + "; training stopped here, and the same command resumes from the last checkpoint"
+        ) from err
 
 
 def _clean(value):
@@ -59,9 +136,38 @@ class RunLogger(NullLogger):
         else:
             self.metrics_path.unlink(missing_ok=True)
         self.run_id = run_id or uuid.uuid4().hex[:12]
+        config = dict(config)
+        config.setdefault("cluster", cluster_info())
+        if config["cluster"]:
+            cluster = config["cluster"]
+            array = (
+                f" (array {cluster['array_job_id']} task {cluster['array_task_id']})"
+                if "array_task_id" in cluster
+                else ""
+            )
+            log.info(
+                "SLURM job %s%s, restart %d, nodes %s",
+                cluster["job_id"],
+                array,
+                cluster["restart_count"],
+                cluster.get("nodelist", "?"),
+            )
         self.wandb = None
         if wandb_cfg.mode != "disabled":
             self.wandb = self._init_wandb(config, wandb_cfg)
+            if resume_step is not None:
+                self._replay_into_wandb()
+
+    def _replay_into_wandb(self) -> None:
+        """Send the kept rows of ``metrics.jsonl`` to the resumed W&B run again.
+
+        A killed attempt often leaves its W&B file short (W&B writes asynchronously), so rows that
+        exist in ``metrics.jsonl`` could exist in no W&B file. Replaying them makes the newest W&B
+        file hold every step; the W&B server ignores steps it already has for the run.
+        """
+        for record in read_metrics(self.metrics_path):
+            values = {k: v for k, v in record.items() if v is not None and k != "step"}
+            self.wandb.log(values, step=int(record["step"]))
 
     def _truncate_after(self, step: int) -> None:
         """Drop lines logged after the checkpoint we resume from; they will be logged again."""
@@ -82,15 +188,8 @@ class RunLogger(NullLogger):
         import wandb
 
         group = wandb_cfg.group
-        if group is None:
-            try:
-                from hydra.core.hydra_config import HydraConfig
-
-                hydra_cfg = HydraConfig.get()
-                if hydra_cfg.mode.name == "MULTIRUN":
-                    group = Path(hydra_cfg.sweep.dir).name
-            except ValueError:
-                pass
+        if group is None and (sweep_dir := _hydra_sweep_dir()) is not None:
+            group = sweep_group(sweep_dir)
         os.environ.setdefault("WANDB_SILENT", "true")
         return wandb.init(
             project=wandb_cfg.project,
@@ -108,8 +207,7 @@ class RunLogger(NullLogger):
     def log(self, metrics: dict, step: int, epoch: int) -> None:
         record = {"step": int(step), "epoch": int(epoch)}
         record.update({k: _clean(v) for k, v in metrics.items()})
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_line(self.metrics_path, json.dumps(record))
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=int(step))
 
