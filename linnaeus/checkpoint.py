@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from linnaeus.errors import UserError, describe_write_error, os_error_in
+
 log = logging.getLogger(__name__)
 STEP_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint where one was expected."""
 
 
@@ -65,14 +67,34 @@ def restore_rng(state: dict) -> None:
 
 
 # ---------------------------------------------------------------------- writing
+def _is_write_failure(err: BaseException) -> bool:
+    """OSErrors, and the RuntimeErrors torch.save raises when its file writes fail (e.g. a full disk)."""
+    if os_error_in(err) is not None:
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("write" in text or "no space" in text)
+
+
 def atomic_save(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """torch.save to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    On any failure the temporary file is removed and ``path`` keeps its previous content; a failed
+    write (disk full, permissions) raises ``CheckpointError`` naming the path and the free space.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if _is_write_failure(err):
+            raise CheckpointError(
+                describe_write_error(err, path, "checkpoint") + "; the previous checkpoints are intact"
+            ) from err
+        raise
 
 
 def _link(source: Path, target: Path) -> None:
@@ -80,10 +102,18 @@ def _link(source: Path, target: Path) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if _is_write_failure(err):
+            raise CheckpointError(
+                describe_write_error(err, target, "checkpoint") + f"; {source} is complete and loadable"
+            ) from err
+        raise
 
 
 def step_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -145,7 +175,7 @@ def load_latest(ckpt_dir: Path, map_location: str | torch.device = "cpu") -> tup
             log.warning(
                 "resuming from %s (step %s) instead of the damaged newer checkpoint(s)",
                 path,
-                state.get("step"),
+                state.get("train_state", {}).get("step"),
             )
         return state, path
     raise CheckpointError(

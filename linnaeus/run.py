@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -34,8 +35,11 @@ from linnaeus.models import build_model
 from linnaeus.models.memory_format import ChannelsLastInputs
 from linnaeus.models.pretrained import load_pretrained
 from linnaeus.optim import Optimizers, build_optimizer, scale_lr_for_batch
+from linnaeus.resume import check_resume
+from linnaeus.rundir import watch_parent
 from linnaeus.schedule import build_lr_schedule
 from linnaeus.signals import StopSignals
+from linnaeus.validate import check_config
 from linnaeus.window import LogWindow
 
 log = logging.getLogger("linnaeus")
@@ -93,6 +97,7 @@ class Run:
     monitor_sign: float
     state: TrainState = field(default_factory=TrainState)
     resumed_from: Path | None = None
+    confusion: dict | None = None  # per-class counts of the last validation, per view
 
     @property
     def device(self) -> torch.device:
@@ -101,21 +106,6 @@ class Run:
     @property
     def ckpt_dir(self) -> Path:
         return self.run_dir / "checkpoints"
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """The loop settings the schema cannot check by type."""
-    if cfg.train.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision must be one of {list(PRECISIONS)}, got {cfg.train.precision!r}")
-    if not isinstance(cfg.data.batch_size, int) or cfg.data.batch_size < 1:
-        raise ConfigError(f"data.batch_size must be a whole number >= 1 or auto, got {cfg.data.batch_size!r}")
-    for key, value in (
-        ("train.accumulate", cfg.train.accumulate),
-        ("train.log_every", cfg.train.log_every),
-        ("checkpoint.every_steps", cfg.checkpoint.every_steps),
-    ):
-        if value < 1:
-            raise ConfigError(f"{key} must be >= 1, got {value}")
 
 
 def resolve_auto_batch(
@@ -292,8 +282,11 @@ def build_step_parts(
 
 def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     """Setup, in order: process group, resume point, data, model, optimizers, loss, EMA, logger."""
+    check_config(cfg)  # every check that needs no data, before anything starts
     run_dir.mkdir(parents=True, exist_ok=True)
     signals = StopSignals().install()  # before any loader worker is forked: workers inherit handlers
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        watch_parent()  # a killed torchrun launcher stops its ranks instead of leaving them unsupervised
     dist_info = init_distributed(cfg.train.device)
     control = make_control_group()
     level = cfg.log_level if dist_info.is_main else "WARNING"
@@ -302,7 +295,8 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     resumed = find_resume(cfg, run_dir)
     if cfg.data.batch_size == "auto":
         resolve_auto_batch(cfg, resumed, dist_info, control)
-    check_settings(cfg)
+    if resumed is not None:  # refuses unsafe changes, logs the safe ones
+        check_resume(resumed[0]["config"], OmegaConf.to_container(cfg, resolve=True), where=str(run_dir))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

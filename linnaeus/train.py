@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -24,15 +25,17 @@ from tqdm import tqdm
 from linnaeus.augment import describe
 from linnaeus.augment.preview import first_samples, save_sample_grid
 from linnaeus.cadence import Actions
-from linnaeus.checkpoint import CheckpointError, capture_rng, save_checkpoint
+from linnaeus.checkpoint import capture_rng, save_checkpoint
 from linnaeus.config import register_configs
-from linnaeus.data.images import BadImageError
-from linnaeus.data.labels import DatasetError
+from linnaeus.confusion import ConfusionCounts
+from linnaeus.data.faults import WorkerCrashError, describe_worker_crash, install_crash_trace, is_worker_crash
 from linnaeus.dist import agree_flags, cleanup
 from linnaeus.errors import UserError
 from linnaeus.evaluation import evaluate, metadata_views, move_batch
 from linnaeus.guard import ADVICE, TrainingDiverged
+from linnaeus.reports import write_reports
 from linnaeus.run import Run, build_run, checkpoint_payload, describe_run
+from linnaeus.rundir import RunLock
 
 log = logging.getLogger("linnaeus")
 
@@ -123,27 +126,24 @@ def log_train(run: Run, bar: tqdm) -> None:
 
 
 def validate(run: Run) -> dict:
-    """Validation of the live weights (every metadata view) and of the EMA weights (``val_ema/``)."""
+    """Validation of the live weights (every metadata view) and of the EMA weights (``val_ema/``).
+
+    The live weights' per-class counts are kept in ``run.confusion`` for the end-of-run reports.
+    """
     cfg = run.cfg
     mask_each = list(run.data.meta_dims) if cfg.train.val_mask_components else []
-    common = dict(autocast=run.autocast, limit=cfg.train.limit_val_batches, prepare=run.data.prepare)
     views = metadata_views(list(run.data.meta_dims), mask_each)
-    metrics = evaluate(
-        run.model, run.data.val_loader, run.loss_fn, run.taxonomy, run.device, views=views, **common
-    )
+    collect = {
+        view: ConfusionCounts(run.taxonomy, run.device) for view in ("val", "val_nometa") if view in views
+    }
+    common = dict(autocast=run.autocast, limit=cfg.train.limit_val_batches, prepare=run.data.prepare)
+    loader, loss_fn, taxonomy, device = run.data.val_loader, run.loss_fn, run.taxonomy, run.device
+    metrics = evaluate(run.model, loader, loss_fn, taxonomy, device, views=views, collect=collect, **common)
     if run.ema.module is not None:
-        ema_views = {"val_ema": ()}
         metrics.update(
-            evaluate(
-                run.ema.module,
-                run.data.val_loader,
-                run.loss_fn,
-                run.taxonomy,
-                run.device,
-                views=ema_views,
-                **common,
-            )
+            evaluate(run.ema.module, loader, loss_fn, taxonomy, device, views={"val_ema": ()}, **common)
         )
+    run.confusion = collect
     run.logger.log(metrics, run.state.step, run.state.epoch)
     run.logger.plot()
     shown = {
@@ -153,6 +153,22 @@ def validate(run: Run) -> dict:
     }
     log.info("step %d validation: %s", run.state.step, shown)
     return metrics
+
+
+def write_final_reports(run: Run) -> None:
+    """Per-class tables and confusion plots of the last validation, in ``reports/`` and ``plots/``."""
+    if not run.dist.is_main or not run.confusion:
+        return
+    write_reports(
+        run.run_dir / "reports",
+        run.confusion["val"],
+        run.taxonomy,
+        plots_dir=run.run_dir / "plots",
+        nometa=run.confusion.get("val_nometa"),
+        wandb_run=getattr(run.logger, "wandb", None),
+        step=run.state.step,
+    )
+    log.info("per-class results of the last validation: %s", run.run_dir / "reports")
 
 
 def gather_rng(run: Run) -> list:
@@ -268,6 +284,8 @@ def train(run: Run) -> dict:
             if finished or end_of_epoch:
                 break
     bar.close()
+    if metrics and not run.signals.requested:
+        write_final_reports(run)
     if run.signals.requested:
         shutdown_workers(run)
         log.info(
@@ -277,6 +295,18 @@ def train(run: Run) -> dict:
             plan.total_steps,
         )
     return metrics
+
+
+def train_naming_crashed_images(run: Run) -> dict:
+    """``train``, with a loader worker's crash (e.g. a decoder segfault) named by the image it was on."""
+    try:
+        return train(run)
+    except RuntimeError as err:
+        if not is_worker_crash(err):
+            raise
+        shutdown_workers(run)
+        datasets = [run.data.train_loader.dataset, run.data.val_loader.dataset]
+        raise WorkerCrashError(describe_worker_crash(err, datasets)) from None
 
 
 def shutdown_workers(run: Run) -> None:
@@ -298,10 +328,21 @@ def save_first_batch(run: Run) -> None:
     run.logger.log_image("train/augmented_samples", grid, state.step)
 
 
+def global_rank() -> int:
+    """This process's rank before the process group exists (torchrun's or SLURM's variables)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
 def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     if run_dir is None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with RunLock(run_dir) if global_rank() == 0 else nullcontext():  # one trainer per run directory
+        return run_locked(cfg, run_dir)
+
+
+def run_locked(cfg: DictConfig, run_dir: Path) -> dict:
     run = build_run(cfg, run_dir)
+    install_crash_trace(run.data.train_loader.dataset, run.data.val_loader.dataset)
     try:
         if run.resumed_from is not None:
             state = run.state
@@ -316,7 +357,7 @@ def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         log.info("%s", describe(cfg, run.transform))
         if run.dist.is_main and cfg.logger.plots:
             save_first_batch(run)
-        metrics = train(run)
+        metrics = train_naming_crashed_images(run)
         if not metrics and run.resumed_from is not None:
             log.info("final metrics are in %s", run_dir / "metrics.jsonl")
     finally:
@@ -338,7 +379,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 def hydra_entry(cfg: DictConfig) -> float | None:
     try:
         metrics = main(cfg)
-    except (UserError, DatasetError, BadImageError, CheckpointError) as err:
+    except UserError as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # let the sweep record this job's failure and go on
         # bad input, not a bug: the message says what is wrong and how to fix it; no traceback

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -72,3 +73,22 @@ def demo_cache(tmp_path_factory) -> Path:
     ensure_demo_dataset(cache)
     os.environ["LINNAEUS_CACHE"] = str(cache)
     return cache
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MB tmpfs mounted for the test (a real full disk); skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    try:
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+        )
+    except OSError:
+        proc = None
+    if proc is None or proc.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root and mount)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

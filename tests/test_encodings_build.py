@@ -14,7 +14,7 @@ from PIL import Image
 
 from linnaeus.data.build import main as build_main
 from linnaeus.data.encodings import encode_elevation, encode_spatial, encode_temporal, parse_dates
-from linnaeus.data.images import FolderImageStore, decode_bytes, open_image_store
+from linnaeus.data.images import FolderImageStore, H5ImageStore, decode_bytes, open_image_store
 from linnaeus.data.labels import read_labels
 from tests.conftest import REPO
 
@@ -171,9 +171,10 @@ def test_folder_build_labels_and_taxonomy(folder_build):
 
 
 def test_folder_build_images_decode_to_rgb(folder_build, tree):
-    with h5py.File(folder_build / "images.h5", "r") as h5:
-        identifiers = [v.decode() for v in h5["img_identifiers"][()]]
-        stored = {ident: h5["images"][i].tobytes() for i, ident in enumerate(identifiers)}
+    store = H5ImageStore(folder_build / "images.h5")
+    assert store.layout == "contiguous"  # what the builder writes
+    identifiers = store.identifiers
+    stored = {ident: store.read_encoded(i).tobytes() for i, ident in enumerate(identifiers)}
     assert identifiers == sorted(GOOD_IMAGES)
     for ident, (width, height) in GOOD_IMAGES.items():
         assert stored[ident] == (tree / ident).read_bytes()  # without --max-side the bytes are kept
@@ -191,9 +192,10 @@ def test_folder_build_max_side_resizes_large_images_only(tree, tmp_path):
     assert (
         build_main(["folder", str(tree), "--out", str(tmp_path), "--max-side", "64", "--workers", "1"]) == 0
     )
-    with h5py.File(tmp_path / "images.h5", "r") as h5:
-        identifiers = [v.decode() for v in h5["img_identifiers"][()]]
-        stored = {ident: h5["images"][i].tobytes() for i, ident in enumerate(identifiers)}
+    store = H5ImageStore(tmp_path / "images.h5")
+    assert store.layout == "contiguous"  # what the builder writes
+    identifiers = store.identifiers
+    stored = {ident: store.read_encoded(i).tobytes() for i, ident in enumerate(identifiers)}
     big = stored["Coleoptera/Carabus/alpina/big.png"]
     assert big[:8] == b"\x89PNG\r\n\x1a\n"  # PNG stays PNG
     image = decode_bytes(big)

@@ -4,32 +4,33 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing as mp
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from linnaeus.data.images import BadImageError, FolderImageStore, H5ImageStore
+from linnaeus.data.isolate import Crashed, isolated_map
 from linnaeus.data.labels import DatasetError
+from linnaeus.errors import OutputError, describe_write_error
 
 log = logging.getLogger(__name__)
 
-_STORE: H5ImageStore | FolderImageStore | None = None
+
+def _where(store: H5ImageStore | FolderImageStore, row: int, identifier: str) -> str:
+    if isinstance(store, FolderImageStore):
+        return str(store.path_of(identifier))
+    return f"row {row} of {store.path}"
 
 
-def _init_worker(store: H5ImageStore | FolderImageStore) -> None:
-    global _STORE
-    _STORE = store
-
-
-def _check_chunk(chunk: list[tuple[int, int, str]]) -> list[tuple[int, str]]:
-    bad = []
-    for position, row, identifier in chunk:
-        try:
-            _STORE.read(row, identifier)
-        except BadImageError as err:
-            bad.append((position, str(err)))
-    return bad
+def _check_one(store: H5ImageStore | FolderImageStore, item: tuple[int, int, str]) -> str | None:
+    """Decode one image with the loader's own decoder; the problem, or None when it is fine."""
+    _, row, identifier = item
+    try:
+        store.read(row, identifier)
+    except BadImageError as err:
+        return str(err)
+    return None
 
 
 def find_bad_images(
@@ -38,10 +39,13 @@ def find_bad_images(
     rows: np.ndarray,
     missing: np.ndarray | None = None,
     workers: int = 2,
+    timeout: float = 300.0,
 ) -> dict[int, str]:
     """Decode every image once; return {position: reason} for those that fail.
 
-    ``missing`` marks identifiers that have no row in the images file at all.
+    ``missing`` marks identifiers that have no row in the images file at all. Images are decoded in
+    child processes (``isolated_map``): an image that crashes or hangs the native decoder is
+    reported by name, and the check goes on with the others.
     """
     bad: dict[int, str] = {}
     if missing is not None:
@@ -51,16 +55,22 @@ def find_bad_images(
             )
     todo = [(int(p), int(rows[p]), str(identifiers[p])) for p in range(len(identifiers)) if int(p) not in bad]
     chunk_size = max(1, min(256, len(todo) // max(1, workers * 4) + 1))
-    chunks = [todo[i : i + chunk_size] for i in range(0, len(todo), chunk_size)]
-    if workers <= 1 or len(todo) < 64:
-        _init_worker(store)
-        results = map(_check_chunk, chunks)
-        for found in results:
-            bad.update(found)
-    else:
-        with mp.get_context("fork").Pool(workers, initializer=_init_worker, initargs=(store,)) as pool:
-            for found in pool.imap_unordered(_check_chunk, chunks):
-                bad.update(found)
+    workers = max(1, min(workers, (len(todo) + 63) // 64))  # a process per 64 images at most
+    results = isolated_map(
+        partial(_check_one, store), todo, workers=workers, chunk_size=chunk_size, timeout=timeout
+    )
+    crashed = 0
+    for index, result in results:
+        position, row, identifier = todo[index]
+        if isinstance(result, Crashed):
+            bad[position] = (
+                f"image {identifier!r} ({_where(store, row, identifier)}): {result.reason}; the file is damaged"
+            )
+            crashed += 1
+        elif result is not None:
+            bad[position] = result
+    if crashed:
+        log.warning("%d image(s) crashed or hung the image decoder; they are listed as bad", crashed)
     return dict(sorted(bad.items()))
 
 
@@ -84,7 +94,10 @@ def apply_bad_image_policy(
         "bad_images": [{"identifier": str(identifiers[p]), "reason": reason} for p, reason in bad.items()],
     }
     if report_path is not None:
-        Path(report_path).write_text(json.dumps(report, indent=1))
+        try:
+            Path(report_path).write_text(json.dumps(report, indent=1))
+        except OSError as err:
+            raise OutputError(describe_write_error(err, report_path, "the image check report")) from err
     keep = np.ones(n, dtype=bool)
     if not bad:
         return keep

@@ -6,6 +6,10 @@ encoded row is zero and its validity flag is False. All functions are vectorised
 
 from __future__ import annotations
 
+import datetime
+import math
+import re
+
 import numpy as np
 
 DEFAULT_ELEVATION_SCALES = (100.0, 1_000.0, 10_000.0)  # metres; fine to coarse periods
@@ -57,6 +61,40 @@ def encode_elevation(
     return out.astype(np.float32), valid
 
 
+DATE_PATTERN = re.compile(
+    r"^(\d{4})[-/](\d{1,2})[-/](\d{1,2})"  # date: 2021-06-01 or 2021/06/01
+    r"(?:[T ](\d{1,2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?)?"  # optional time: 14:30, 14:30:05.123
+    r"\s*(?:Z|UTC|GMT|[+-]\d{2}:?\d{2}|[A-Z]{3,4})?$",  # optional zone (ignored: local time is what matters)
+    re.IGNORECASE,
+)
+MISSING_TEXT = ("", "nan", "none", "null", "na", "n/a")
+
+
+def parse_date(text: str) -> tuple[float, float, str | None]:
+    """One date -> (day of year, hour, problem); NaN where unknown.
+
+    ``problem`` is None for a valid or empty value, else why the value was not used: an unsupported
+    format, an impossible date (2021-02-30) or an impossible time (25:10; the date is still used).
+    """
+    text = str(text).strip()
+    if text.lower() in MISSING_TEXT:
+        return math.nan, math.nan, None
+    match = DATE_PATTERN.match(text)
+    if match is None:
+        return math.nan, math.nan, "not a date in the form YYYY-MM-DD[ HH:MM[:SS]]"
+    year, month, day = (int(v) for v in match.group(1, 2, 3))
+    try:
+        day_of_year = float(datetime.date(year, month, day).timetuple().tm_yday)
+    except ValueError:
+        return math.nan, math.nan, "impossible date"
+    if match.group(4) is None:
+        return day_of_year, math.nan, None
+    hour, minute, second = int(match.group(4)), int(match.group(5)), int(match.group(6) or 0)
+    if hour > 23 or minute > 59 or second > 60:
+        return day_of_year, math.nan, "impossible time of day (the date is used)"
+    return day_of_year, hour + minute / 60, None
+
+
 def parse_dates(values: list[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ISO dates (``2021-06-01``, ``2021-06-01T14:30``, ``2021-06-01 14:30:00``) -> day of year and hour.
 
@@ -65,20 +103,5 @@ def parse_dates(values: list[str] | np.ndarray) -> tuple[np.ndarray, np.ndarray]
     n = len(values)
     day, hour = np.full(n, np.nan), np.full(n, np.nan)
     for i, value in enumerate(values):
-        text = str(value).strip()
-        if not text or text.lower() in ("nan", "none", "null"):
-            continue
-        date_part, _, time_part = text.replace("T", " ").partition(" ")
-        try:
-            d = np.datetime64(date_part, "D")
-        except ValueError:
-            continue
-        year_start = d.astype("datetime64[Y]").astype("datetime64[D]")
-        day[i] = float((d - year_start).astype(int) + 1)
-        if time_part:
-            try:
-                h, m, *_ = (time_part.split("+")[0].rstrip("Z") + ":0").split(":")
-                hour[i] = int(h) + int(m) / 60
-            except ValueError:
-                pass
+        day[i], hour[i], _ = parse_date(value)
     return day, hour

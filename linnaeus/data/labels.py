@@ -14,11 +14,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from linnaeus.errors import UserError
+
 TAXA_PATTERN = re.compile(r"^taxa_L(\d+)$")
 BUILD_HINT = "Build a dataset with `python -m linnaeus.data.build folder|csv ...` (see README)."
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file is missing, malformed or inconsistent; the message says what and how to fix it."""
 
 

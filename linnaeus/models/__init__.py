@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Mapping, Sequence
 
@@ -10,6 +11,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from linnaeus.data.taxonomy import Taxonomy
+from linnaeus.errors import ConfigError
 
 # Supplied by the trainer from the data, never written in the model YAML.
 RUNTIME_ARGS = ("num_classes", "meta_dims", "parents")
@@ -28,9 +30,47 @@ def resolve_head_per_task(head_per_task, taxonomy: Taxonomy | None):
         if isinstance(key, str) and key in taxonomy.task_keys:
             key = taxonomy.task_keys.index(key)
         elif isinstance(key, str) and not key.lstrip("-").isdigit():
-            raise ValueError(f"model.head_per_task.{key}: not a task; tasks are {taxonomy.task_keys}")
+            raise ConfigError(f"model.head_per_task.{key}: not a task; tasks are {taxonomy.task_keys}")
         resolved[int(key)] = kind
     return resolved
+
+
+def check_model_keys(cfg) -> None:
+    """Raise a ``ConfigError`` naming every key of the ``model`` node that its constructor does not take.
+
+    A typo (``model.drop_pth_rate``) or a stray ``+model.foo=1`` fails at startup with the key's full
+    name, the closest valid key and the list of valid keys, rather than a bare ``TypeError``.
+    """
+    kwargs = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    target = kwargs.pop("_target_", None)
+    if target is None:
+        raise ConfigError(
+            "model._target_ is missing: it names the model class, e.g. linnaeus.models.mformer.MFormerV1"
+        )
+    try:
+        builder = hydra.utils.get_object(target)
+    except Exception as err:
+        raise ConfigError(
+            f"model._target_={target}: cannot be imported ({type(err).__name__}: {err})"
+        ) from None
+    params = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [
+        name
+        for name, p in params.items()
+        if name not in RUNTIME_ARGS and p.kind is not inspect.Parameter.VAR_POSITIONAL
+    ]
+    unknown = [key for key in kwargs if key not in valid and key not in HYDRA_KEYS + TRAINER_KEYS]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, valid + list(TRAINER_KEYS), n=1)
+            hints.append(f"model.{key}" + (f" (did you mean model.{close[0]}?)" if close else ""))
+        raise ConfigError(
+            f"unknown key(s) {', '.join(hints)} for {target}; remove them or use one of: "
+            f"{', '.join(valid + list(TRAINER_KEYS))}"
+        )
 
 
 def build_model(
@@ -42,30 +82,14 @@ def build_model(
     """Build ``cfg._target_`` with the node's keys plus the data-derived ``num_classes``/``meta_dims`` and,
     from ``taxonomy``, the parent maps that hierarchical heads need (``taxonomy.parents``).
 
-    Keys are checked against the constructor's signature first, so a typo fails at startup with the
-    key's full name (``model.<key>``) and the list of valid keys, rather than a bare ``TypeError``.
+    Keys are checked against the constructor's signature first (``check_model_keys``).
     """
+    check_model_keys(cfg)
     kwargs = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    target = kwargs.pop("_target_", None)
-    if target is None:
-        raise ValueError(
-            "model._target_ is missing: it names the model class, e.g. linnaeus.models.mformer.MFormerV1"
-        )
+    target = kwargs.pop("_target_")
     for key in HYDRA_KEYS + TRAINER_KEYS:
         kwargs.pop(key, None)
     builder = hydra.utils.get_object(target)
-
-    params = inspect.signature(builder).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        valid = [
-            name
-            for name, p in params.items()
-            if name not in RUNTIME_ARGS and p.kind is not inspect.Parameter.VAR_POSITIONAL
-        ]
-        unknown = [key for key in kwargs if key not in valid]
-        if unknown:
-            names = ", ".join(f"model.{key}" for key in unknown)
-            raise ValueError(f"unknown key(s) {names} for {target}; valid keys: {valid + list(TRAINER_KEYS)}")
     if taxonomy is not None:
         if list(taxonomy.num_classes) != list(num_classes):
             raise ValueError(
@@ -82,4 +106,11 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["RUNTIME_ARGS", "TRAINER_KEYS", "build_model", "count_parameters", "resolve_head_per_task"]
+__all__ = [
+    "RUNTIME_ARGS",
+    "TRAINER_KEYS",
+    "build_model",
+    "check_model_keys",
+    "count_parameters",
+    "resolve_head_per_task",
+]

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 import torch
 
+from linnaeus.errors import ConfigError
+
 META_DEFAULTS = {"enabled": True, "hidden_dim": 64}
 
 MetaInputs = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -22,7 +24,7 @@ def meta_settings(meta: Mapping | None, defaults: Mapping = META_DEFAULTS) -> di
     unknown = sorted(set(meta) - set(defaults))
     if unknown:
         names = ", ".join(f"model.meta.{key}" for key in unknown)
-        raise ValueError(f"unknown key(s) {names}; valid keys: {sorted(defaults)}")
+        raise ConfigError(f"unknown key(s) {names}; valid keys: {sorted(defaults)}")
     return {**defaults, **meta}
 
 
