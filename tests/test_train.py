@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -69,6 +70,15 @@ def test_debug_run_writes_the_run_directory(tmp_path, demo_cache):
     assert ckpt["taxonomy"] == json.loads((run / "taxonomy.json").read_text())
     assert ckpt["config"]["model"]["_target_"].endswith("MFormerV1")
     assert "run dir" in (run / "train.log").read_text()
+    # the last validation's per-class tables and confusion plots, for every rank
+    for key in ("taxa_L40", "taxa_L30", "taxa_L20", "taxa_L10"):
+        assert (run / "plots" / f"confusion_{key}.png").is_file()
+        rows = list(csv.DictReader((run / "reports" / f"per_class_{key}.csv").open()))
+        assert sum(int(r["support"]) for r in rows) <= 32  # debug=fast: 2 validation batches of 16
+    order = list(csv.DictReader((run / "reports" / "per_class_taxa_L40.csv").open()))
+    assert sum(int(r["support"]) for r in order) == 32  # every demo image has a known order
+    hits = sum(float(r["top1"]) * int(r["support"]) for r in order)
+    assert hits / 32 == pytest.approx(last["val/top1/taxa_L40"])
 
 
 def test_module_entry_point_and_seed_override(tmp_path, demo_cache):
