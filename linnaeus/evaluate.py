@@ -42,7 +42,7 @@ from linnaeus.data.loader import build_data
 from linnaeus.data.taxonomy import Taxonomy
 from linnaeus.dist import all_reduce_sum, cleanup, init_distributed
 from linnaeus.evaluation import evaluate, metadata_views
-from linnaeus.inference import UsageError, load_run, resolve_device, run_cli
+from linnaeus.inference import APPS_CONFIG_DIR, UsageError, load_run, resolve_device, run_cli
 from linnaeus.losses import build_loss
 from linnaeus.reports import write_reports
 from linnaeus.run import plan_steps
@@ -345,11 +345,9 @@ def _finish_wandb(wandb_run, metrics: dict, files: list[Path], run) -> None:
 
 
 register_configs()
-# its own folder: conf/ has a `checkpoint` group, which would swallow checkpoint=PATH
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf" / "apps")
 
 
-@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="evaluate")
+@hydra.main(version_base=None, config_path=APPS_CONFIG_DIR, config_name="evaluate")
 def hydra_entry(cfg: DictConfig) -> None:
     run_cli(main, cfg)
 

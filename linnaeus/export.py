@@ -35,7 +35,15 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from linnaeus.inference import LoadedRun, UsageError, load_run, metadata_encodings, rank_name, run_cli
+from linnaeus.inference import (
+    APPS_CONFIG_DIR,
+    LoadedRun,
+    UsageError,
+    load_run,
+    metadata_encodings,
+    rank_name,
+    run_cli,
+)
 
 log = logging.getLogger("linnaeus")
 FILES = {"onnx": "model.onnx", "torchscript": "model.ts", "exported": "model.pt2"}
@@ -241,11 +249,7 @@ def main(cfg: DictConfig) -> Path:
     return path
 
 
-# its own config folder: conf/ has a `checkpoint` group, which would swallow checkpoint=PATH
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf" / "apps")
-
-
-@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="export")
+@hydra.main(version_base=None, config_path=APPS_CONFIG_DIR, config_name="export")
 def hydra_entry(cfg: DictConfig) -> None:
     run_cli(main, cfg)
 

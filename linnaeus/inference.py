@@ -29,6 +29,9 @@ from linnaeus.errors import UserError
 from linnaeus.models import build_model
 
 log = logging.getLogger("linnaeus")
+# the command-line apps' own config folder: conf/ has a `checkpoint` group, which would swallow
+# checkpoint=PATH
+APPS_CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf" / "apps")
 WEIGHTS = ("auto", "model", "ema")
 META_EMBED_KEY = re.compile(r"(?:^|\.)meta_embed\.([^.]+)\.embed\.0\.weight$")
 LEVEL_NAMES = {level: name for name, level in RANK_LEVELS.items()}

@@ -42,7 +42,15 @@ from linnaeus.data.images import BadImageError, decode_bytes
 from linnaeus.data.transforms import build_eval_transform
 from linnaeus.data.writer import RawMetadata
 from linnaeus.decision import METHODS, class_probabilities, hierarchical_decision, tree_probabilities
-from linnaeus.inference import UsageError, load_run, metadata_encodings, rank_name, resolve_device, run_cli
+from linnaeus.inference import (
+    APPS_CONFIG_DIR,
+    UsageError,
+    load_run,
+    metadata_encodings,
+    rank_name,
+    resolve_device,
+    run_cli,
+)
 
 log = logging.getLogger("linnaeus")
 META_ROLES = ("latitude", "longitude", "date", "time", "elevation")  # CSV column roles (linnaeus.data.table)
@@ -301,11 +309,7 @@ def main(cfg: DictConfig) -> Path:
     return out
 
 
-# its own config folder: conf/ has a `checkpoint` group, which would swallow checkpoint=PATH
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf" / "apps")
-
-
-@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="predict")
+@hydra.main(version_base=None, config_path=APPS_CONFIG_DIR, config_name="predict")
 def hydra_entry(cfg: DictConfig) -> None:
     run_cli(main, cfg)
 

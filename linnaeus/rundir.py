@@ -1,11 +1,14 @@
 """One run directory, one trainer; and ranks that do not outlive their launcher.
 
-``RunLock(run_dir)`` holds an exclusive ``flock`` on ``run_dir/.lock`` for the life of the trainer,
+``RunLock(run_dir)`` holds an exclusive POSIX record lock (``lockf``) on ``run_dir/.lock`` for the life
+of the trainer,
 with the holder's host, pid and start time written in the file. A second trainer started on the same
 directory (the same command twice, a requeued job while the old one still runs) gets a
 ``RunLockedError`` naming the holder instead of two processes overwriting each other's checkpoints.
 The kernel releases the lock when its holder dies, however it dies, so a lock file left by a killed
-run is simply taken over.
+run is simply taken over. A record lock, unlike ``flock``, is not inherited by forked children, so
+data-loading workers that outlive a killed trainer for a moment do not keep its directory locked.
+Record locks belong to the process, so locks held within this process are tracked in ``_HELD``.
 
 ``watch_parent()`` makes a process exit when its parent (the ``torchrun`` launcher) disappears, so ranks
 of a killed launcher do not go on training unsupervised.
@@ -30,13 +33,15 @@ from linnaeus.errors import UserError
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
+_HELD: set[str] = set()  # lock files this process holds
 
 
 class RunLockedError(UserError):
     """Another trainer holds the run directory."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,9 +72,12 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        if key in _HELD:  # this very process holds it (a record lock would not refuse its own owner)
+            raise RunLockedError(self._describe_holder({"host": socket.gethostname(), "pid": os.getpid()}))
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             holder = self._read(fd)
             os.close(fd)
@@ -95,16 +103,17 @@ class RunLock:
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, (json.dumps(info) + "\n").encode())
         self._fd = fd
+        _HELD.add(key)
         return self
 
     def _describe_holder(self, holder: dict) -> str:
         host, pid = holder.get("host", "an unknown host"), holder.get("pid")
         started = f", started {holder['started']}" if holder.get("started") else ""
         who = f"pid {pid} on {host}{started}"
-        if pid is not None and host == socket.gethostname() and not _pid_alive(int(pid)):
+        if pid is not None and host == socket.gethostname() and not pid_alive(int(pid)):
             who += (
-                "; that process has exited, but a child of it (e.g. a data-loading worker) still holds the "
-                "lock: end it, or wait a few seconds"
+                "; that process has exited but the lock is still held, e.g. over a network file system that "
+                "keeps locks for a while: wait a few seconds"
             )
         return (
             f"another trainer is using the run directory {self.run_dir} ({who}); wait for it to finish or "
@@ -118,10 +127,11 @@ class RunLock:
             return
         try:
             os.ftruncate(self._fd, 0)  # the file stays: deleting it would let two trainers lock two inodes
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
         finally:
             os.close(self._fd)
             self._fd = None
+            _HELD.discard(str(self.path.resolve()))
 
     def __enter__(self) -> RunLock:
         return self.acquire()

@@ -244,6 +244,27 @@ def test_lock_of_a_killed_trainer_is_taken_over(tmp_path):
     lock.release()
 
 
+def test_children_of_a_killed_trainer_do_not_keep_the_lock(tmp_path):
+    """Data-loading workers are forked children; they may outlive a SIGKILLed trainer for seconds."""
+    code = (
+        f"import os, time; from linnaeus.rundir import RunLock; RunLock({str(tmp_path)!r}).acquire(); "
+        "child = os.fork()\n"
+        "if child == 0:\n    time.sleep(30); os._exit(0)\n"
+        "print(child, flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the child still runs
+        lock = RunLock(tmp_path).acquire()  # and the directory is free
+        assert lock.previous["pid"] == holder.pid
+        lock.release()
+    finally:
+        os.kill(child, 9)
+
+
 def test_ranks_exit_when_their_launcher_dies(tmp_path):
     """A launcher killed with SIGKILL: its child notices within seconds and exits instead of running on."""
     child_code = (

@@ -17,22 +17,13 @@ from pathlib import Path
 
 from linnaeus.data.labels import DatasetError
 from linnaeus.errors import describe_write_error
+from linnaeus.rundir import pid_alive
 
 log = logging.getLogger("linnaeus.data.build")
 
 # What a build writes; anything else in an output folder is someone's data.
 DATASET_ENTRIES = {"labels.h5", "images.h5", "images", "build_report.json", "build_report.failed.json",
                    "verify_report.json"}  # fmt: skip
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -88,7 +79,7 @@ def remove_stale_staging(out: Path) -> None:
         kind, _, pid = path.name.rpartition("-")
         if not (kind.endswith(".building") or kind.endswith(".replaced")) or not pid.isdigit():
             continue
-        if not _pid_alive(int(pid)):
+        if not pid_alive(int(pid)):
             log.info("removing %s, left by an interrupted build", path)
             shutil.rmtree(path, ignore_errors=True)
 
