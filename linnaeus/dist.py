@@ -140,6 +140,13 @@ def submitit_local_rendezvous(env: Mapping[str, str]) -> dict | None:
     }
 
 
+def process_rank(env: Mapping[str, str] = os.environ) -> int:
+    """The global rank this process will have, known before the process group forms (torchrun's,
+    a SLURM step's or a local submitit job's variables; 0 for a single process)."""
+    tasks = slurm_rendezvous(env) or submitit_local_rendezvous(env)
+    return tasks["rank"] if tasks is not None else int(env.get("RANK", 0))
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Read rank and world size from torchrun's variables, or else from a SLURM step's (or a local
     submitit job's), and join the process group (gloo on the CPU, NCCL on GPUs)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -29,7 +28,7 @@ from linnaeus.checkpoint import capture_rng, save_checkpoint
 from linnaeus.config import register_configs
 from linnaeus.confusion import ConfusionCounts
 from linnaeus.data.faults import WorkerCrashError, describe_worker_crash, install_crash_trace, is_worker_crash
-from linnaeus.dist import agree_flags, cleanup
+from linnaeus.dist import agree_flags, cleanup, process_rank
 from linnaeus.errors import UserError
 from linnaeus.evaluation import evaluate, metadata_views, move_batch
 from linnaeus.guard import ADVICE, TrainingDiverged
@@ -328,15 +327,10 @@ def save_first_batch(run: Run) -> None:
     run.logger.log_image("train/augmented_samples", grid, state.step)
 
 
-def global_rank() -> int:
-    """This process's rank before the process group exists (torchrun's or SLURM's variables)."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
-
-
 def main(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     if run_dir is None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with RunLock(run_dir) if global_rank() == 0 else nullcontext():  # one trainer per run directory
+    with RunLock(run_dir) if process_rank() == 0 else nullcontext():  # one trainer per run directory
         return run_locked(cfg, run_dir)
 
 

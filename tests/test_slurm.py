@@ -127,6 +127,18 @@ def test_submitit_local_rendezvous():
     assert submitit_local_rendezvous({**env, "RANK": "1", "WORLD_SIZE": "2"}) is None
 
 
+def test_process_rank_before_the_process_group_forms():
+    """Only rank 0 locks the run directory, so every launcher's rank must be known before init."""
+    from linnaeus.dist import process_rank
+
+    assert process_rank(step_env()) == 3  # a SLURM step's task 3
+    local = {"SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_JOB_ID": "7"}
+    assert process_rank(local) == 1  # a local submitit job's second task
+    assert process_rank({"RANK": "1", "WORLD_SIZE": "2"}) == 1  # torchrun
+    assert process_rank({}) == 0
+    assert process_rank(step_env(SLURM_STEP_ID=None)) == 0  # the batch script itself
+
+
 def test_cluster_info_from_slurm_variables():
     env = {
         "SLURM_JOB_ID": "118",
