@@ -92,7 +92,7 @@ class Run:
     signals: StopSignals
     control: object  # CPU process group for stop/checkpoint agreement (None in one process)
     shared_params: list
-    grad_clip: float | None
+    clip_grads: object  # params -> global gradient norm (clipping it to train.grad_clip when set)
     monitor: str
     monitor_sign: float
     state: TrainState = field(default_factory=TrainState)
@@ -240,6 +240,13 @@ def build_logger(
     )
 
 
+def build_grad_clip(max_norm: float | None):
+    """``params -> total gradient norm``; clips to ``max_norm`` when set (the guard reads the norm)."""
+    if max_norm is None:
+        return lambda params: torch.nn.utils.get_total_norm([p.grad for p in params])
+    return lambda params: torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
 def build_optimizers(cfg: DictConfig, model: torch.nn.Module, world_size: int) -> Optimizers:
     """The optimizers, their LRs rescaled to the global batch when ``optimizer.lr_scaling`` asks."""
     optimizer = build_optimizer(model, cfg.optimizer)
@@ -353,7 +360,7 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         signals=signals,
         control=control,
         shared_params=shared_params,
-        grad_clip=cfg.train.grad_clip,
+        clip_grads=build_grad_clip(cfg.train.grad_clip),
         monitor=monitor,
         monitor_sign=1.0 if cfg.checkpoint.monitor_mode == "max" else -1.0,
     )

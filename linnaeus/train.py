@@ -61,11 +61,7 @@ def train_step(run: Run, micro_batches: list[dict]) -> None:
 
     for optimizer in run.optimizer:
         run.scaler.unscale_(optimizer)
-    params = [p for p in run.raw_model.parameters() if p.grad is not None]
-    if run.grad_clip is not None:
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, run.grad_clip)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    grad_norm = run.clip_grads([p for p in run.raw_model.parameters() if p.grad is not None])
     if run.guard.allows(step_loss, grad_norm):
         for optimizer in run.optimizer:
             run.scaler.step(optimizer)
