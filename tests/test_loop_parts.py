@@ -344,3 +344,19 @@ def test_no_masked_validation_pass_without_metadata():
         "val_no_spatial": ["spatial"],
         "val_no_temporal": ["temporal"],
     }
+
+
+def test_grad_clip_function_returns_the_norm_and_clips_only_when_set():
+    from linnaeus.run import build_grad_clip
+
+    def params():
+        p = nn.Parameter(torch.zeros(2))
+        p.grad = torch.tensor([3.0, 4.0])
+        return [p]
+
+    unclipped = params()
+    assert build_grad_clip(None)(unclipped).item() == pytest.approx(5.0)
+    assert torch.equal(unclipped[0].grad, torch.tensor([3.0, 4.0]))
+    clipped = params()
+    assert build_grad_clip(1.0)(clipped).item() == pytest.approx(5.0)  # the norm before clipping
+    assert clipped[0].grad.norm().item() == pytest.approx(1.0, rel=1e-4)
