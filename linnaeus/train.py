@@ -92,7 +92,7 @@ def log_train(run: Run, bar: tqdm) -> None:
     window, state = run.window, run.state
     losses = window.reduced()
     n = window.steps * run.dist.world_size
-    elapsed = window.train_seconds + time.perf_counter() - window._since
+    elapsed = window.seconds()
     lr = run.optimizer.param_groups[0]["lr"]
     row = {
         "train/loss": losses[0].item() / n,

@@ -23,8 +23,8 @@ class LogWindow:
         self.loss = torch.zeros(1 + self.num_tasks, device=self.device)  # total, then per task
         self.steps = 0
         self.images = 0
-        self.train_seconds = 0.0
-        self._since = time.perf_counter()
+        self.train_seconds = 0.0  # closed stretches of training time; the open one runs from _since
+        self._since: float | None = time.perf_counter()
 
     def add(self, loss: torch.Tensor, task_losses: torch.Tensor, images: int) -> None:
         """One micro-batch's (already accumulation-weighted) losses; no host sync."""
@@ -34,10 +34,16 @@ class LogWindow:
 
     def pause(self) -> None:
         """Stop the clock (validation and checkpoints are not training time)."""
-        self.train_seconds += time.perf_counter() - self._since
+        self.train_seconds = self.seconds()
+        self._since = None
 
     def resume(self) -> None:
         self._since = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Training time in this window so far, paused or not."""
+        running = 0.0 if self._since is None else time.perf_counter() - self._since
+        return self.train_seconds + running
 
     def reduced(self) -> torch.Tensor:
         """Loss sums over all ranks, on the CPU (a host sync)."""
@@ -48,7 +54,7 @@ class LogWindow:
             "loss": reduced.tolist(),
             "steps": self.steps,
             "images": self.images,
-            "train_seconds": self.train_seconds + time.perf_counter() - self._since,
+            "train_seconds": self.seconds(),
         }
 
     def load_state_dict(self, state: dict, is_main: bool) -> None:

@@ -261,6 +261,21 @@ def test_log_window_state_round_trips_so_a_resumed_row_averages_the_same_steps()
     assert other_rank.loss.abs().sum() == 0 and other_rank.steps == 3
 
 
+def test_log_window_counts_only_training_time_while_paused_and_after(monkeypatch):
+    """images/s is images over training seconds: a pause (validation, a checkpoint) is left out
+    once, and a window read while paused is not charged the paused stretch a second time."""
+    clock = iter([100.0, 102.0, 106.0, 106.5])  # a paused window does not read the clock
+    monkeypatch.setattr("linnaeus.window.time.perf_counter", lambda: next(clock))
+    window = LogWindow(num_tasks=1, device=torch.device("cpu"))  # clock 100: window opens
+    window.add(torch.tensor(1.0), torch.tensor([1.0]), images=64)
+    window.pause()  # 102: 2 s of training
+    assert window.seconds() == 2.0  # read while paused (the log row)
+    assert window.state_dict(window.reduced())["train_seconds"] == 2.0  # a checkpoint while paused
+    window.resume()  # 106: 1 s of validation left out
+    assert window.seconds() == 2.5  # 106.5
+    assert window.images / 2.5 == 25.6
+
+
 def test_validation_loss_is_weighted_by_samples_not_batches():
     tax = Taxonomy(["taxa_L10"], [np.array([0, 1, 2])], [["?", "a", "b"]], [None])
     acc = MetricAccumulator(tax, torch.device("cpu"))
