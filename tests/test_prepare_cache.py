@@ -41,14 +41,14 @@ def dataset(tmp_path_factory):
     return root
 
 
-def data_for(dataset, *overrides: str, workers: int = 0):
+def data_for(dataset, *overrides: str, workers: int = 0, batch_size: int = 8):
     cfg = compose_cfg(
         "data=h5",
         f"data.labels={dataset / 'labels.h5'}",
         f"data.images={dataset / 'images.h5'}",
         "data.image_size=32",
         "data.val_crop_pct=0.875",  # validation resizes to 37 px, the default load size for 32 px
-        "data.batch_size=8",
+        f"data.batch_size={batch_size}",
         "data.val_fraction=0.25",
         f"data.num_workers={workers}",
         "data.check_images=false",

@@ -1,0 +1,162 @@
+"""The loader's fast paths: torchvision-equal crops and flips, a batch built in one pass with one RNG
+save per batch, reused batch memory (in process and across loader workers), channels-last batches."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import v2
+
+from linnaeus.data.buffers import BatchBuffers
+from linnaeus.data.transforms import Flip, ResizedCrop, build_train_augment, is_deterministic, seeded_rng
+from tests.test_augment import compose_cfg
+from tests.test_prepare_cache import data_for, dataset  # noqa: F401  (the fixture)
+
+CROPS = [((0.08, 1.0), (3 / 4, 4 / 3)), ((1.0, 1.0), (1.0, 1.0)), ((0.5, 1.0), (1.0, 1.0)), ((0.2, 0.2), (2.0, 3.0))]
+
+
+@pytest.mark.parametrize("scale,ratio", CROPS)
+@pytest.mark.parametrize("shape", [(3, 28, 28), (3, 224, 224), (3, 300, 260), (3, 40, 90), (3, 90, 40)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_crop_and_flip_give_torchvisions_images_for_the_same_seed(scale, ratio, shape, dtype):
+    """Same draws, same kernel: every seed gives the image v2.RandomResizedCrop + flips give, so runs
+    stay comparable with the earlier pipeline and the device path (which runs these modules too). The
+    fixed crop (scale = ratio = 1) draws nothing, so there it is compared on its own."""
+    image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    image = image if dtype == torch.uint8 else image.float() / 255
+    size = 32 if shape[1] < 100 else 224
+    flips = scale != (1.0, 1.0) or ratio != (1.0, 1.0)
+    theirs = v2.Compose(
+        [v2.RandomResizedCrop(size, scale=scale, ratio=ratio, antialias=True)]
+        + ([v2.RandomHorizontalFlip(0.5), v2.RandomVerticalFlip(0.3)] if flips else [])
+    )
+    ours = v2.Compose(
+        [ResizedCrop(size, scale, ratio)] + ([Flip(0.5, dim=-1), Flip(0.3, dim=-2)] if flips else [])
+    )
+    for seed in range(40):
+        with seeded_rng(seed):
+            expected = theirs(image)
+        with seeded_rng(seed):
+            got = ours(image)
+        assert got.shape == (3, size, size) and torch.equal(got, expected), seed
+
+
+def test_augmentation_none_is_deterministic_and_default_is_not():
+    none = build_train_augment(compose_cfg("augmentation=none").augmentation, 32, [0.5] * 3)
+    default = build_train_augment(compose_cfg("augmentation=default").augmentation, 32, [0.5] * 3)
+    assert is_deterministic(none) and not is_deterministic(default)
+    assert is_deterministic(v2.Compose([v2.Resize(37), v2.CenterCrop(32)]))
+    assert not is_deterministic(v2.Compose([v2.Resize(37), v2.RandomCrop(32)]))  # unknown steps count as random
+    image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+    state = torch.get_rng_state()
+    centre = none(image)
+    assert torch.equal(torch.get_rng_state(), state)  # draws nothing
+    expected = v2.functional.resize(v2.functional.center_crop(image, [40, 40]), [32, 32], antialias=True)
+    assert torch.equal(centre, expected)
+
+
+@pytest.mark.parametrize("aug", ["default", "none", "strong"])
+def test_a_batch_equals_its_samples_one_by_one_and_leaves_the_global_rng_alone(dataset, aug):  # noqa: F811
+    _, data = data_for(dataset, f"augmentation={aug}")
+    ds = data.train_loader.dataset
+    keys = [(int(i), 3) for i in data.train_batches.sampler.indices[:8]]
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    batch = ds.__getitems__(keys)
+    assert torch.equal(torch.get_rng_state(), state)
+    one_by_one = torch.stack([ds[key]["images"] for key in keys])
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(batch["images"], one_by_one)
+    assert batch["index"].tolist() == [k for k, _ in keys]
+    assert torch.equal(batch["targets"], torch.stack([ds[key]["targets"] for key in keys]))
+
+
+def test_in_process_buffers_are_reused_only_when_nobody_holds_them():
+    buffers = BatchBuffers(slots=2)
+    shape = (4, 3, 8, 8)
+    first, lease = buffers.take(shape, torch.uint8)
+    assert lease is None
+    first_ptr = first.data_ptr()
+    held, _ = buffers.take(shape, torch.uint8)
+    assert held.data_ptr() != first_ptr  # ``first`` is still held
+    del first
+    again, _ = buffers.take(shape, torch.uint8)
+    assert again.data_ptr() == first_ptr  # free again: the same memory
+    view = again[1:]
+    del again
+    blocked, _ = buffers.take(shape, torch.uint8)
+    assert blocked.data_ptr() != first_ptr  # a view still holds it
+    array = held.numpy()
+    del held, view, blocked
+    assert buffers.take(shape, torch.uint8)[0].data_ptr() != array.ctypes.data  # a NumPy view holds it too
+    other, _ = buffers.take((2, 3, 8, 8), torch.uint8)
+    assert other.shape == (2, 3, 8, 8)
+
+
+def test_a_batch_filled_in_place_never_changes_under_a_consumer_that_keeps_it(dataset):  # noqa: F811
+    """The in-process loader keeps every batch a consumer holds intact while it fills the next ones."""
+    _, data = data_for(dataset, "augmentation=default")
+    data.train_batches.set_epoch(0)
+    kept = [batch["images"].clone() for batch in data.train_loader]  # each dropped at once: reused
+    held = list(data.train_loader)  # all kept: none may be overwritten
+    assert len({b["images"].data_ptr() for b in held}) == len(held)
+    for reference, batch in zip(kept, held):
+        assert torch.equal(reference, batch["images"])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_worker_slots_are_released_when_the_main_process_drops_a_batch(dataset, channels_last):  # noqa: F811
+    """Two loader workers write into their shared-memory slots again only after the main process let go
+    of the batch there: batches kept for the whole epoch still equal the in-process loader's, and once
+    they are dropped every slot is free."""
+    _, reference = data_for(dataset, "augmentation=default", batch_size=3)
+    _, data = data_for(dataset, "augmentation=default", workers=2, batch_size=3)
+    data.train_loader.dataset.buffers = BatchBuffers(workers=2, slots=1, channels_last=channels_last)
+    reference.train_loader.dataset.buffers.channels_last = channels_last
+    for epoch in range(2):
+        reference.train_batches.set_epoch(epoch)
+        data.train_batches.set_epoch(epoch)
+        expected = [b["images"].clone() for b in reference.train_loader]
+        held = list(data.train_loader)  # 6 batches, one slot per worker: fresh memory after the first two
+        assert len(held) == 6
+        for want, batch in zip(expected, held, strict=True):
+            assert torch.equal(batch["images"], want)
+            if channels_last:
+                assert batch["images"].is_contiguous(memory_format=torch.channels_last)
+        busy = data.train_loader.dataset.buffers.busy
+        assert busy.sum() > 0
+        del held, batch
+        gc.collect()
+        assert busy.sum() == 0
+        # dropped at once, batch after batch: the workers keep writing into their slots
+        for batch in data.train_loader:
+            assert busy.sum() <= len(busy)
+        del batch
+        gc.collect()
+        assert busy.sum() == 0
+
+
+def test_channels_last_batches_prepare_to_the_same_contiguous_floats(dataset):  # noqa: F811
+    _, plain = data_for(dataset, "augmentation=none")
+    _, last = data_for(dataset, "augmentation=none")
+    last.train_loader.dataset.buffers.channels_last = True
+    last.val_loader.dataset.buffers.channels_last = True
+    for loader in ("train_loader", "val_loader"):
+        plain.train_batches.set_epoch(0)
+        last.train_batches.set_epoch(0)
+        a, b = next(iter(getattr(plain, loader))), next(iter(getattr(last, loader)))
+        assert a["images"].is_contiguous() and b["images"].is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(a["images"], b["images"])
+        pa, pb = plain.prepare(a)["images"], last.prepare(b)["images"]
+        assert pb.is_contiguous() and torch.equal(pa, pb)
+
+
+def test_buffers_travel_to_spawned_workers_without_their_memory():
+    buffers = BatchBuffers(workers=2, slots=3)
+    buffers.take((2, 3, 4, 4), torch.uint8)
+    state = buffers.__getstate__()
+    assert state["local"] == [] and state["owned"] == {} and state["busy"] is buffers.busy
+    assert buffers.busy.is_shared() and buffers.busy.shape == (6,) and np.all(buffers.busy.numpy() == 0)
