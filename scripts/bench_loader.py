@@ -21,7 +21,10 @@ a script does), our hybrid mode (labels.h5 + the same files), our images.h5 in t
 that only decodes the same bytes (torchvision ``decode_image``, from memory). Datasets: Fashion-MNIST
 as a folder tree (``scripts/make_fashion_tree.py``; 28 px grayscale PNGs, trained at 32 px) and
 seeded random crops of the photographs that ship inside scikit-image, resized to 224 x 224 and
-encoded as JPEG quality 90 (trained at 224 px; ``pip install -e .[bench]``).
+encoded as JPEG quality 90 (trained at 224 px; ``pip install -e .[bench]``). With ``--channels-last``
+our loaders hand over channels-last batches, as decoders return pixels and as the trainer asks for
+when it trains on a GPU (which transposes them for free); without it, contiguous (B, 3, H, W)
+batches, as for CPU training, so the workers transpose every image.
 """
 
 from __future__ import annotations
@@ -99,10 +102,12 @@ def compose_cfg(overrides: list[str]):
         return compose("config", overrides=overrides)
 
 
-def throughput(overrides: list[str], batches: int, with_prepare: bool = False) -> tuple[float, int]:
+def throughput(
+    overrides: list[str], batches: int, with_prepare: bool = False, channels_last: bool = False
+) -> tuple[float, int]:
     """(images/s over ``batches`` timed batches, image size) for one composed config."""
     cfg = compose_cfg(overrides)
-    data = build_data(cfg.data, cfg.augmentation, run_dir=None, seed=0)
+    data = build_data(cfg.data, cfg.augmentation, run_dir=None, seed=0, channels_last=channels_last)
     data.train_batches.set_epoch(0)
     prepare = data.prepare if with_prepare else None
     rate = timed(data.train_loader, batches, prepare, data.train_batches.set_epoch)
@@ -324,7 +329,9 @@ def compare(args) -> None:
                             image_folder_rate(tree, cfg, workers, args.batches, args.batch_size),
                         )
                         for mode, overrides in modes[dataset].items():
-                            rate, _ = throughput([*overrides, *common], args.batches, args.with_prepare)
+                            rate, _ = throughput(
+                                [*overrides, *common], args.batches, args.with_prepare, args.channels_last
+                            )
                             record((*key, mode), rate)
             print(f"round {round_ + 1} of {args.rounds} done, load average {os.getloadavg()}")
     rows = []
@@ -366,6 +373,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process")
     parser.add_argument("--with-prepare", action="store_true", help="also time DataBundle.prepare on the CPU")
     parser.add_argument("--compare", action="store_true", help="ImageFolder vs our modes vs decode-only")
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="our loaders hand over channels-last batches, as the trainer asks for on a GPU",
+    )
     parser.add_argument(
         "--per-class", type=int, default=300, help="--compare: Fashion-MNIST images per class"
     )

@@ -14,14 +14,33 @@ plain PyTorch loop in this process with the same model, the same loader (``build
 batch size, workers and augmentation) and the same AdamW settings and gradient clipping, but none
 of our training code (no schedule, metrics, checkpoint cadence, loss objects or batch transform), and
 prints the ratio of their images/s.
+
+    python scripts/bench_train.py --compare-end-to-end           # Fashion-MNIST, data.cache=ram vs ImageFolder
+
+``--compare-end-to-end`` times whole runs instead, from process start to exit (imports, start-up, cache
+filling, training, a validation pass after every epoch, final reports): ``--per-class`` Fashion-MNIST
+images of each of its 10 classes as a three-rank folder tree (``scripts/make_fashion_tree.py``; 28 px
+PNGs, trained at 32 px), built into labels.h5 + images.h5, trained for ``--epochs`` epochs by
+``python train.py ... data.cache=ram`` (other keys at their defaults, ``data.check_images`` included),
+against a plain PyTorch script in its own process on the same files: torchvision's ``ImageFolder``
+(one class per leaf folder, mapped to per-rank targets) + ``DataLoader`` with the same uint8
+augmentation, normalised in the workers, a random ``data.val_fraction`` of the images held out and
+resized + centre-cropped as ours, the same model, AdamW settings, gradient clipping, batch size,
+workers and epochs, cross-entropy on every rank and top-1 at the finest rank after every epoch, but
+no schedule, checkpoints or reports. Each side runs ``--rounds`` times, interleaved; the best wall
+time of each is reported, with ratio plain / ours (> 1: ours is faster) and each side's final
+validation top-1. Both processes get ``OMP_NUM_THREADS=1`` (one torch thread in the main process, as
+in each loader worker; more only fight the workers on a small machine) unless the environment sets it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -119,9 +138,6 @@ def bare_rate(overrides: list[str], steps: int, warmup: int) -> float:
 
 
 def compare_bare(args) -> None:
-    import os
-    import tempfile
-
     steps, log_every = args.warmup + args.steps, args.warmup
     print(f"load average before: {os.getloadavg()}")
     results = []
@@ -141,11 +157,226 @@ def compare_bare(args) -> None:
     print(json.dumps(results))
 
 
+def final_val_top1(run_dir: Path) -> float:
+    """The last val/top1 at the finest rank in a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = {k for r in rows for k in r if k.startswith("val/top1/taxa_L")}
+    finest = min(keys, key=lambda k: int(k.rsplit("L", 1)[1]))
+    return [r[finest] for r in rows if finest in r][-1]
+
+
+def timed_command(command: list[str], env: dict[str, str]) -> tuple[float, str]:
+    """(wall-clock seconds from start to exit, stdout) of ``command`` run from the repository; it must
+    exit with 0."""
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return elapsed, proc.stdout
+
+
+def plain_imagefolder_loop(spec_file: str) -> None:
+    """A plain PyTorch training script over an image folder tree, settings from ``spec_file``; prints
+    each epoch's validation top-1 at the finest rank as a JSON line."""
+    import numpy as np
+    from torch.utils.data import DataLoader, Subset
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    from linnaeus.data.taxonomy import NULL_NAME, Taxonomy
+    from linnaeus.data.transforms import build_train_augment
+
+    spec = OmegaConf.load(spec_file)
+    root = spec.tree
+    leaves = sorted(os.path.relpath(folder, root) for folder, subdirs, _ in os.walk(root) if not subdirs)
+    chains = [Path(leaf).parts for leaf in leaves]  # coarse to fine, one per leaf folder
+    ranks = len(chains[0])
+    names = [sorted({chain[r] for chain in chains}) for r in range(ranks)]
+    # leaf class -> class index at every rank (0 is each rank's null class, as in our label space)
+    lookup = torch.tensor([[names[r].index(chain[r]) + 1 for r in range(ranks)] for chain in chains])
+    parent_name = {(r, chain[r]): chain[r - 1] for chain in chains for r in range(1, ranks)}
+    parents = [None] + [
+        np.array([0] + [names[r - 1].index(parent_name[r, n]) + 1 for n in names[r]]) for r in range(1, ranks)
+    ]
+    taxonomy = Taxonomy(
+        [f"taxa_L{10 * (ranks - r)}" for r in range(ranks)],
+        [np.arange(len(n) + 1) for n in names],
+        [[NULL_NAME, *n] for n in names],
+        parents,
+    )
+
+    class LeafFolders(ImageFolder):
+        """One class per leaf folder (ImageFolder's own classes are the top-level folders)."""
+
+        def find_classes(self, directory):
+            return leaves, {leaf: i for i, leaf in enumerate(leaves)}
+
+    data = spec.data
+    mean, std, size = list(data.mean), list(data.std), data.image_size
+    normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    train_transform = v2.Compose(
+        [v2.PILToTensor(), build_train_augment(spec.augmentation, size, mean), *normalize]
+    )
+    val_transform = v2.Compose(
+        [v2.PILToTensor(), v2.Resize(spec.val_resize, antialias=True), v2.CenterCrop(size), *normalize]
+    )
+    train_set, val_set = (
+        LeafFolders(root, transform=train_transform),
+        LeafFolders(root, transform=val_transform),
+    )
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(spec.seed)).tolist()
+    held_out = round(data.val_fraction * len(order))
+    train_set, val_set = Subset(train_set, order[held_out:]), Subset(val_set, order[:held_out])
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    workers = spec.workers
+    common = dict(num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    train_loader = DataLoader(train_set, batch_size=data.batch_size, shuffle=True, **common)
+    val_loader = DataLoader(val_set, batch_size=data.val_batch_size or 2 * data.batch_size, **common)
+
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, taxonomy.num_classes, {}, taxonomy).to(device)
+    opt = spec.optimizer
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps, weight_decay=opt.weight_decay
+    )
+    lookup = lookup.to(device)
+    null = taxonomy.null_index
+    for epoch in range(spec.epochs):
+        model.train()
+        for images, leaf in train_loader:
+            images, targets = images.to(device, non_blocking=True), lookup[leaf.to(device)]
+            logits = model(images, {}, {})
+            loss = sum(
+                torch.nn.functional.cross_entropy(out, targets[:, t], ignore_index=null)
+                for t, out in enumerate(logits)
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if spec.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            optimizer.step()
+        model.eval()
+        correct = 0
+        with torch.inference_mode():
+            for images, leaf in val_loader:
+                finest = model(images.to(device, non_blocking=True), {}, {})[-1]
+                predicted = finest[:, 1:].argmax(1) + 1  # never the null class, as our metrics
+                correct += int((predicted == lookup[leaf.to(device), -1]).sum())
+        line = {
+            "epoch": epoch,
+            "val_top1": correct / len(val_set),
+            "train": len(train_set),
+            "val": len(val_set),
+        }
+        print(json.dumps(line), flush=True)
+
+
+def compare_end_to_end(args) -> None:
+    """Every side run once per round, rounds interleaved; the best of ``--rounds`` is reported (a busy
+    machine only ever makes a run slower)."""
+    from hydra import compose, initialize_config_dir
+
+    from linnaeus.config import register_configs
+    from linnaeus.data.build import main as build_main
+    from linnaeus.data.transforms import eval_resize_for
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_fashion_tree import SOURCE, make_tree
+
+    if not (SOURCE / "train-images-idx3-ubyte.gz").is_file():
+        raise SystemExit(f"Fashion-MNIST is missing from {SOURCE} (apt-get install dataset-fashion-mnist)")
+    model = args.model or "mformer_xs"
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    print(f"load average before: {os.getloadavg()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tree, built = tmp / "fashion", tmp / "built"
+        count = make_tree(tree, args.per_class)
+        if build_main(["folder", str(tree), "--out", str(built), "--workers", "2"]) != 0:
+            raise SystemExit(f"building {tree} failed")
+        overrides = [
+            "data=h5", f"data.labels={built / 'labels.h5'}", f"data.images={built / 'images.h5'}",
+            "data.cache=ram", *model_overrides(model), "data.image_size=32",
+            f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}", f"train.epochs={args.epochs}",
+        ]  # fmt: skip
+        register_configs()
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+            cfg = compose("config", overrides=overrides)
+        spec = {
+            "tree": str(tree),
+            "workers": args.workers,
+            "epochs": args.epochs,
+            "seed": cfg.seed,
+            "grad_clip": cfg.train.grad_clip,
+            "val_resize": eval_resize_for(cfg.data.image_size, cfg.data.val_crop_pct),
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+            "augmentation": OmegaConf.to_container(cfg.augmentation, resolve=True),
+            "optimizer": {k: OmegaConf.to_container(cfg.optimizer, resolve=True)[k]
+                          for k in ("lr", "betas", "eps", "weight_decay")},
+            "data": {k: OmegaConf.to_container(cfg.data, resolve=True)[k]
+                     for k in ("mean", "std", "image_size", "batch_size", "val_batch_size", "val_fraction")},
+        }  # fmt: skip
+        spec_file = tmp / "plain_spec.yaml"
+        OmegaConf.save(OmegaConf.create(spec), spec_file)
+        trainer_command = [
+            sys.executable, "train.py", *overrides, "logger.wandb.mode=disabled", "logger.progress_bar=false",
+            "logger.plots=false", "checkpoint.every_steps=1000000",
+        ]  # fmt: skip
+        plain_command = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--plain-imagefolder-loop",
+            str(spec_file),
+        ]
+        print(f"Fashion-MNIST: {count} images, 10 classes in 3 ranks | {model}, 32 px, batch {args.batch_size}, "
+              f"{args.epochs} epochs, {args.workers} workers, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")  # fmt: skip
+        print(f"ours:  {' '.join(trainer_command)} hydra.run.dir=...")
+        print(f"plain: {' '.join(plain_command)}")
+        ours, plain = [], []
+        for round_ in range(args.rounds):
+            run_dir = tmp / f"run{round_}"  # fresh: an existing run directory would be resumed
+            seconds, _ = timed_command([*trainer_command, f"hydra.run.dir={run_dir}"], env)
+            split = json.loads((run_dir / "split.json").read_text())
+            ours.append({"s": seconds, "val_top1": final_val_top1(run_dir), "train": split["train"],
+                         "val": split["val"]})  # fmt: skip
+            seconds, stdout = timed_command(plain_command, env)
+            last = json.loads(stdout.strip().splitlines()[-1])
+            plain.append(
+                {"s": seconds, "val_top1": last["val_top1"], "train": last["train"], "val": last["val"]}
+            )
+            print(
+                f"round {round_ + 1} of {args.rounds}: ours {ours[-1]['s']:6.1f} s (val top-1 {ours[-1]['val_top1']:.3f}, "
+                f"{ours[-1]['train']}/{ours[-1]['val']} train/val)   plain ImageFolder loop {seconds:6.1f} s "
+                f"(val top-1 {last['val_top1']:.3f}, {last['train']}/{last['val']})   load average {os.getloadavg()}"
+            )
+    best_ours, best_plain = min(ours, key=lambda r: r["s"]), min(plain, key=lambda r: r["s"])
+    ratio = best_plain["s"] / best_ours["s"]
+    print(
+        f"best: ours {best_ours['s']:.1f} s   plain ImageFolder loop {best_plain['s']:.1f} s   "
+        f"ratio plain/ours {ratio:.3f} (> 1: ours is faster)"
+    )
+    print(f"load average after: {os.getloadavg()}")
+    result = {
+        "dataset": "fashion-mnist", "images": count, "model": model, "image_size": 32,
+        "batch_size": args.batch_size, "epochs": args.epochs, "workers": args.workers,
+        "omp_threads": env["OMP_NUM_THREADS"], "ours": ours, "plain": plain, "ours_best_s": best_ours["s"],
+        "plain_best_s": best_plain["s"], "ratio_plain_over_ours": ratio,
+    }  # fmt: skip
+    print(json.dumps(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mformer_sm", help="a file name in conf/model/ without .yaml")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a file name in conf/model/ without .yaml (default mformer_sm; --compare-end-to-end: "
+        "mformer_xs, and timm:NAME for model=timm model.name=NAME)",
+    )
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="also --compare-end-to-end")
     parser.add_argument("--precision", choices=list(DTYPES), default="32")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
@@ -158,11 +389,36 @@ def main() -> None:
         default=["mformer_xs", "timm:resnet18"],
         help="--compare-bare: conf/model names; timm:NAME for model=timm model.name=NAME",
     )
-    parser.add_argument("--workers", type=int, default=2, help="--compare-bare: data.num_workers")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="--compare-bare, --compare-end-to-end: data.num_workers"
+    )
+    parser.add_argument(
+        "--compare-end-to-end",
+        action="store_true",
+        help="whole runs: our trainer with data.cache=ram vs a plain ImageFolder script, Fashion-MNIST",
+    )
+    parser.add_argument(
+        "--per-class", type=int, default=200, help="--compare-end-to-end: Fashion-MNIST images per class"
+    )
+    parser.add_argument("--epochs", type=int, default=5, help="--compare-end-to-end: training epochs")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="--compare-end-to-end: rounds; the best of each side is reported",
+    )
+    parser.add_argument("--plain-imagefolder-loop", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plain_imagefolder_loop:
+        plain_imagefolder_loop(args.plain_imagefolder_loop)
+        return
     if args.compare_bare:
         compare_bare(args)
         return
+    if args.compare_end_to_end:
+        compare_end_to_end(args)
+        return
+    args.model = args.model or "mformer_sm"
 
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -76,8 +76,14 @@ def test_contiguous_layout_round_trips_every_row_like_vlen(tmp_path, files):
     for row in range(len(data)):
         assert contiguous.read_encoded(row).tobytes() == vlen.read_encoded(row).tobytes() == data[row]
         view = contiguous.read_encoded(row)
-        assert not view.flags.owndata and not view.flags.writeable  # a slice of the read-only memory map
+        assert not view.flags.owndata  # a slice of the memory map, no copy
         assert torch.equal(contiguous.read(row, identifiers[row]), vlen.read(row, identifiers[row]))
+    # the map is private (copy-on-write): a consumer writing into a slice never changes the file
+    view = contiguous.read_encoded(0)
+    view[:] = 0
+    assert H5ImageStore(tmp_path / "contiguous.h5").read_encoded(0).tobytes() == data[0]
+    with h5py.File(tmp_path / "contiguous.h5", "r") as h5:
+        assert h5["images"][()].tobytes() == b"".join(data)
 
 
 def test_vlen_and_decoded_array_files_load_and_decode_identically(tmp_path, files):

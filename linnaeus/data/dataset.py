@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from linnaeus.data.buffers import BatchBuffers
 from linnaeus.data.images import BadImageError, FolderImageStore, H5ImageStore
 from linnaeus.data.prepare import EncodedImages
-from linnaeus.data.transforms import sample_seed, seeded_rng
+from linnaeus.data.transforms import is_deterministic, sample_seed
 
 BAD_IMAGE_HINT = (
     "Find every bad image with `python -m linnaeus.data.verify DIR`, or let the start-up check drop "
@@ -29,6 +31,9 @@ class TaxonDataset(Dataset):
     ``encoded=(resize, crop)`` (``data.decode=gpu``): images are not decoded here; a sample holds the
     file's bytes and ``collate`` packs a batch of them into ``EncodedImages``, which
     ``DataBundle.prepare`` decodes on the device and resizes to ``resize`` / crops to ``crop``.
+
+    ``buffers``: where batches of decoded images are written (``linnaeus.data.buffers``: reused memory,
+    channels-last when the batches go to a GPU).
     """
 
     def __init__(
@@ -42,6 +47,7 @@ class TaxonDataset(Dataset):
         transform: Callable[[torch.Tensor], torch.Tensor] | None,
         seed: int = 0,
         encoded: tuple[int, int] | None = None,
+        buffers: BatchBuffers | None = None,
     ) -> None:
         self.store = store
         self.identifiers = identifiers
@@ -52,22 +58,40 @@ class TaxonDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.encoded = encoded
+        self.seeded = transform is not None and not is_deterministic(transform)
+        self.buffers = buffers if buffers is not None else BatchBuffers()
 
     def __len__(self) -> int:
         return len(self.identifiers)
 
-    def _image(self, index: int, epoch: int | None) -> torch.Tensor:
+    def _read(self, index: int) -> torch.Tensor:
+        """The decoded image (or, with ``encoded``, the file's bytes) of sample ``index``."""
         row, identifier = int(self.image_rows[index]), str(self.identifiers[index])
         try:
             if self.encoded is not None:
                 return torch.from_numpy(np.array(self.store.read_encoded(row, identifier)))
-            image = self.store.read(row, identifier)
+            return self.store.read(row, identifier)
         except BadImageError as err:
             raise BadImageError(f"{err}. {BAD_IMAGE_HINT}") from err
-        if epoch is None:
-            return self.transform(image)
-        with seeded_rng(sample_seed(self.seed, epoch, index)):
-            return self.transform(image)
+
+    def _rng_scope(self, pairs: list[tuple[int, int | None]]):
+        """One save and restore of the global RNG around a batch whose samples seed their own draws."""
+        if self.seeded and any(epoch is not None for _, epoch in pairs):
+            return torch.random.fork_rng(devices=[])
+        return nullcontext()
+
+    def _sample(self, index: int, epoch: int | None) -> torch.Tensor:
+        """Sample ``index``'s transformed image (inside ``_rng_scope``): seeded from (seed, epoch, index)."""
+        image = self._read(index)
+        if self.seeded and epoch is not None:
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+        return self.transform(image)
+
+    def _image(self, index: int, epoch: int | None) -> torch.Tensor:
+        if self.encoded is not None:
+            return self._read(index)
+        with self._rng_scope([(index, epoch)]):
+            return self._sample(index, epoch)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, None)
@@ -81,16 +105,17 @@ class TaxonDataset(Dataset):
 
     def __getitems__(self, keys: list) -> dict:
         """A whole batch, as ``collate`` would make it from ``self[key]`` for every key (the DataLoader's
-        fetcher calls this): per-sample images, then labels and metadata gathered with one index each,
-        which saves building and collating a dict per sample (most of the cost for small images)."""
+        fetcher calls this): images written one by one into a reused batch buffer (each decoded image
+        is freed before the next, so the decoder reuses warm memory), then labels and metadata gathered
+        with one index each, which saves building and collating a dict per sample."""
         pairs = [key if isinstance(key, tuple) else (key, None) for key in keys]
-        images = [self._image(index, epoch) for index, epoch in pairs]
         indices = [index for index, _ in pairs]
         if self.encoded is None:
-            packed = default_collate(images)  # in shared memory when in a worker, as default_collate does
+            with self._rng_scope(pairs):  # each image written into the batch as soon as it is made
+                packed = self.buffers.fill((self._sample(i, epoch) for i, epoch in pairs), len(pairs))
         else:
             identifiers = [str(self.identifiers[i]) for i in indices]
-            packed = EncodedImages.pack(images, identifiers, *self.encoded)
+            packed = EncodedImages.pack([self._read(i) for i in indices], identifiers, *self.encoded)
         rows = torch.as_tensor(indices, dtype=torch.int64)
         return {
             "images": packed,

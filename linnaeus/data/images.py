@@ -69,14 +69,19 @@ def jpeg_size(data) -> tuple[int, int] | None:
     return None
 
 
-def map_file(path: str | Path, offset: int, length: int) -> np.ndarray:
-    """``length`` bytes of a file from ``offset``, memory-mapped read-only, as a plain (length,) uint8
-    array (slicing a plain array costs less than slicing ``np.memmap``, a Python subclass)."""
+def map_file(path: str | Path, offset: int, length: int, private: bool = False) -> np.ndarray:
+    """``length`` bytes of a file from ``offset``, memory-mapped, as a plain (length,) uint8 array
+    (slicing a plain array costs less than slicing ``np.memmap``, a Python subclass).
+
+    Read-only, or with ``private`` copy-on-write: writable in this process and never written back,
+    so its slices become tensors without a copy (the file is only ever read).
+    """
     if length == 0:
         return np.zeros(0, dtype=np.uint8)
     start = offset - offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets are page-aligned
+    access = mmap.ACCESS_COPY if private else mmap.ACCESS_READ
     with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), offset - start + length, offset=start, access=mmap.ACCESS_READ)
+        mapped = mmap.mmap(f.fileno(), offset - start + length, offset=start, access=access)
     return np.frombuffer(mapped, dtype=np.uint8, count=length, offset=offset - start)
 
 
@@ -224,7 +229,7 @@ class H5ImageStore(_SizedReads):
         if self._pid != os.getpid():
             self._h5 = h5py.File(self.path, "r")
             if self._byte_offset is not None:
-                self._bytes = map_file(self.path, self._byte_offset, int(self.offsets[-1]))
+                self._bytes = map_file(self.path, self._byte_offset, int(self.offsets[-1]), private=True)
             self._pid = os.getpid()
 
     def rows_for(self, identifiers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

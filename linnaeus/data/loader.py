@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
+from linnaeus.data.buffers import BatchBuffers
 from linnaeus.data.cache import CachePart, build_ram_cache
 from linnaeus.data.check import apply_bad_image_policy, find_bad_images
 from linnaeus.data.dataset import TaxonDataset
@@ -103,12 +104,14 @@ def build_data(
     world_size: int = 1,
     pin_memory: bool = False,
     local_rank: int | None = None,
+    channels_last: bool = False,
 ) -> DataBundle:
     """Read labels, build the taxonomy, split, check images and assemble the loaders.
 
     Only rank 0 writes files (split and image report); every rank derives the same result.
     ``local_rank`` (default: ``LOCAL_RANK``/``SLURM_LOCALID``) picks the rank of a node that fills the
-    shared RAM cache (``data.cache=ram``).
+    shared RAM cache (``data.cache=ram``). ``channels_last``: image batches in channels-last memory,
+    as decoders return pixels (no transposition in the loader; for batches headed to a GPU).
     """
     is_main = rank == 0
     labels_path, images_path = resolve_paths(data_cfg)
@@ -193,8 +196,15 @@ def build_data(
         val_transform = v2.Identity()  # cached exactly as validation crops them
     common = dict(identifiers=table.identifiers, image_rows=image_rows, targets=targets, seed=seed)
     meta = dict(meta=table.meta, meta_valid=table.meta_valid)
-    train_set = TaxonDataset(train_store, **common, **meta, transform=worker_transform, encoded=train_encoded)
-    val_set = TaxonDataset(val_store, **common, **meta, transform=val_transform, encoded=val_encoded)
+    workers = data_cfg.num_workers
+    buffers = dict(workers=workers, slots=data_cfg.prefetch_factor + 2, channels_last=channels_last)
+    train_set = TaxonDataset(
+        train_store, **common, **meta, transform=worker_transform, encoded=train_encoded,
+        buffers=BatchBuffers(**buffers),
+    )  # fmt: skip
+    val_set = TaxonDataset(
+        val_store, **common, **meta, transform=val_transform, encoded=val_encoded, buffers=BatchBuffers(**buffers)
+    )
 
     mode = data_cfg.sampler.mode
     if mode == "random":
@@ -218,7 +228,6 @@ def build_data(
     val_bs = data_cfg.val_batch_size or 2 * data_cfg.batch_size
     val_batches = [val_share[i : i + val_bs].tolist() for i in range(0, len(val_share), val_bs)]
 
-    workers = data_cfg.num_workers
     loader_args = dict(
         num_workers=workers,
         pin_memory=pin_memory,

@@ -4,7 +4,8 @@ Loader workers hand over uint8 images (a quarter of float32's bytes through shar
 memory and the host-to-device copy). ``PrepareBatch`` (``DataBundle.prepare``) runs on the batch's
 device, once per training and validation batch, right after the batch was moved there:
 
-- ``data.decode=cpu``: ``images`` (B, 3, H, W) uint8 -> normalised float32;
+- ``data.decode=cpu``: ``images`` (B, 3, H, W) uint8 (contiguous or channels-last) -> normalised
+  contiguous float32;
 - ``data.decode=gpu``: ``images`` is an ``EncodedImages`` (the files' bytes, packed by the workers);
   JPEGs are decoded in one nvJPEG call (``torchvision.io.decode_jpeg(list, device=...)``), every other
   image (PNG, WebP, a JPEG nvJPEG rejects) on the CPU by the loader's own decoder; each is then
@@ -126,7 +127,8 @@ class PrepareBatch:
                 f"DataBundle.prepare expects the loader's uint8 images, got {images.dtype}; call it once per "
                 "batch, right after moving the batch to the device"
             )
-        return {**batch, "images": normalize_images(images, self.mean, self.std)}
+        # contiguous (B, 3, H, W) whatever the loader's layout (channels-last batches for a GPU)
+        return {**batch, "images": normalize_images(images, self.mean, self.std).contiguous()}
 
     def __repr__(self) -> str:
         return f"PrepareBatch(mean={self.mean}, std={self.std})"
