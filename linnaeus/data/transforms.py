@@ -203,6 +203,16 @@ def _posterize(image: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     return ImageOps.posterize(image, bits_to_keep)
 
 
+class Pipeline(v2.Compose):
+    """``v2.Compose`` for one image tensor: each step's ``forward`` in turn, without Compose's
+    handling of several inputs and nn.Module's call machinery (a few us per step and image)."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        for step in self.transforms:
+            image = step.forward(image)
+        return image
+
+
 class ResizedCrop(nn.Module):
     """Random resized crop to ``size`` x ``size`` on a (..., C, H, W) tensor of any device.
 
@@ -244,6 +254,8 @@ class ResizedCrop(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         height, width = image.shape[-2:]
+        if self.fixed and height == width == self.size[0]:
+            return image  # the centre square is the whole image, at the output size already
         top, left, h, w = self.box(height, width)
         # the box lies inside the image, so a slice is the crop; resize_image returns it as it is when
         # it has the output size already
@@ -297,7 +309,7 @@ def build_train_augment(aug_cfg, image_size: int, mean: Sequence[float]) -> v2.C
     if aug_cfg.color_jitter > 0:
         s = aug_cfg.color_jitter
         steps.append(v2.ColorJitter(brightness=s, contrast=s, saturation=s))
-    return v2.Compose(steps)
+    return Pipeline(steps)
 
 
 def build_random_erase(aug_cfg) -> v2.RandomErasing | None:
