@@ -3,6 +3,12 @@ the shared RAM cache (data.cache=ram), on real HDF5 datasets."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -198,6 +204,91 @@ def test_ram_cache_memory_budget_error(dataset, tmp_path):
     )
     assert "only 50,000 bytes (0.00 GiB) are available" in message and "data.cache=none" in message
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+FILL_UNDER_STOP_HANDLERS = """
+import sys
+import numpy as np
+from pathlib import Path
+from linnaeus.data.cache import CachePart, build_ram_cache
+from linnaeus.data.images import H5ImageStore
+from linnaeus.signals import StopSignals
+StopSignals().install()  # as the trainer does before it builds its data
+store, out = H5ImageStore(sys.argv[1]), Path(sys.argv[2])
+ids = np.array([str(i) for i in range(24)], dtype=object)
+for round in range(int(sys.argv[3])):
+    folder = out / str(round)
+    folder.mkdir()
+    build_ram_cache(store, [CachePart(np.arange(24), ids, 37, 32)], directory=folder, workers=2)
+print("filled")
+"""
+
+
+def test_ram_cache_fill_finishes_under_the_trainers_stop_handlers(dataset, tmp_path):
+    """The fill pool's workers inherit the trainer's SIGTERM handler (it only records the signal);
+    stopping the pool must not wait on a worker that ignored its SIGTERM."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FILL_UNDER_STOP_HANDLERS, str(dataset / "images.h5"), str(tmp_path), "12"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the pool's workers too, which hold the pipes open
+        proc.communicate()
+        pytest.fail("filling the RAM cache hung")
+    assert proc.returncode == 0 and out.strip() == "filled", err[-2000:]
+
+
+ADOPT = """
+import sys, logging
+import numpy as np
+from pathlib import Path
+from linnaeus.data.cache import CachePart, build_ram_cache
+from linnaeus.data.images import H5ImageStore
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+ids = np.array([str(i) for i in range(24)], dtype=object)
+[cache] = build_ram_cache(H5ImageStore(sys.argv[1]), [CachePart(np.arange(24), ids, 37, 32)], directory=Path(sys.argv[2]))
+print(cache.file)
+"""
+
+
+def test_a_killed_runs_cache_is_reused_and_deleted_by_the_next_run_a_live_ones_is_kept(dataset, tmp_path):
+    def run() -> subprocess.CompletedProcess:
+        command = [sys.executable, "-c", ADOPT, str(dataset / "images.h5"), str(tmp_path)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+
+    first = run()
+    cache = Path(first.stdout.strip())
+    assert not cache.exists()  # the run that filled it deleted it when it exited
+    # a run killed before it could delete its cache: a complete file whose owner is gone
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ADOPT + "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+        + [str(dataset / "images.h5"), str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and cache.exists()
+    content = cache.read_bytes()
+    second = run()
+    assert "left by a run that has exited; this run deletes it" in second.stderr
+    assert "decoding" not in second.stderr  # reused, not decoded again
+    assert not cache.exists() and not Path(f"{cache}.owner").exists()
+    # a live owner's cache is used and left to its owner
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ADOPT + "import time; print('ready', flush=True); time.sleep(60)"]
+        + [str(dataset / "images.h5"), str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == str(cache)
+        assert proc.stdout.readline().strip() == "ready"
+        assert cache.read_bytes() == content
+        third = run()
+        assert "filled by another run" in third.stderr and cache.exists()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_config_groups_compose_with_the_new_keys():

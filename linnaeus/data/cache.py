@@ -7,8 +7,11 @@ source (path, size, modification time), the rows and the geometry. Local rank 0 
 memory budget for both, fills each file (in ``data.num_workers`` processes, each writing its share in
 place) under a temporary name and renames it; the node's other ranks wait for the name and map it. So a node decodes every image once and holds one copy, shared by its ranks and all
 their loader workers (a memory map of a tmpfs file: the page cache is the array). A complete file
-of another live run with the same key is used as it is. The rank that filled the file deletes it
-when it exits; processes that mapped it keep their mapping until they exit.
+with the same key is used as it is (the key covers the source's size and modification time, so its
+content is what a fill would write). The file's owner, the rank that filled it (its pid is in
+``<file>.owner``), deletes it when it exits; processes that mapped it keep their mapping until they
+exit. A run that finds a complete file whose owner is gone (killed before it could delete it) adopts
+it and deletes it in turn, so a killed run's cache does not hold memory for good.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import hashlib
 import logging
 import multiprocessing as mp
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,7 @@ import torch
 from linnaeus.data.images import FolderImageStore, H5ImageStore, map_file
 from linnaeus.data.labels import DatasetError
 from linnaeus.data.transforms import build_resize_crop
+from linnaeus.rundir import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +126,9 @@ def _fill_init(
 ) -> None:
     if is_worker:
         torch.set_num_threads(1)  # one decoding process per core
+        # the trainer's stop handlers only record a signal; the pool stops its workers with SIGTERM
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     shape = (len(rows), 3, part.crop, part.crop)
     _FILL.update(
         store=store, rows=rows, identifiers=identifiers, load=build_resize_crop(part.resize, part.crop)
@@ -156,9 +164,11 @@ def _fill(store, rows: np.ndarray, identifiers: list[str], part: CachePart, file
     try:
         for n in results:
             done += n
+        if pool is not None:
+            pool.close()  # every range is done: the workers exit on their own
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.terminate()  # no-op after close(); stops the workers after an error
             pool.join()
         _FILL.clear()
     log.info("data.cache=ram: decoded %d images in %.1f s", done, time.perf_counter() - started)
@@ -213,11 +223,33 @@ def build_ram_cache(
                 os.replace(tmp, final)
             finally:
                 tmp.unlink(missing_ok=True)
-            atexit.register(final.unlink, missing_ok=True)
-        else:
+            _own(final)
+        elif _owner_alive(final):
             log.info("data.cache=ram: using %s, filled by another run", final)
+        else:
+            log.info("data.cache=ram: using %s, left by a run that has exited; this run deletes it", final)
+            _own(final)
         caches.append(RamImageStore(final, rows, part.crop, source))
     return caches
+
+
+def _owner_file(final: Path) -> Path:
+    return final.with_name(final.name + ".owner")
+
+
+def _owner_alive(final: Path) -> bool:
+    try:
+        pid = int(_owner_file(final).read_text())
+    except (OSError, ValueError):
+        return False
+    return pid_alive(pid)
+
+
+def _own(final: Path) -> None:
+    """Record this process as the owner of ``final``, which it deletes when it exits."""
+    _owner_file(final).write_text(str(os.getpid()))
+    atexit.register(_owner_file(final).unlink, missing_ok=True)
+    atexit.register(final.unlink, missing_ok=True)
 
 
 def _wait_for(final: Path, needed: int, timeout: float) -> None:
