@@ -283,18 +283,19 @@ def write_reports(
     prefix: str = "val",
     max_classes: int = MAX_MATRIX_CLASSES,
     top_pairs: int = TOP_PAIRS,
+    plots: bool = True,
 ) -> dict[str, Path]:
     """Write ``per_class_<task>.csv`` into ``out_dir`` and ``confusion_<task>.png`` plus ``reliability.png``
     into ``plots_dir`` (default ``out_dir``); log them to ``wandb_run`` (tables and images) when given.
 
     ``confusion`` (and ``nometa``, the same view with metadata masked, for a ``top1_nometa`` column) are
     reduced ``ConfusionCounts`` or their ``result()``. Returns the written files by name. A plot that
-    fails is reported as a warning and skipped, so reports never end a run that trained.
+    fails is reported as a warning and skipped, so reports never end a run that trained. ``plots=False``:
+    the tables only.
     """
     ranks, ranks_nometa = _as_ranks(confusion), _as_ranks(nometa)
     out_dir, plots_dir = Path(out_dir), Path(plots_dir or out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     tables = {}
     for t, rank in enumerate(ranks):
@@ -302,11 +303,13 @@ def write_reports(
         name = f"per_class_{rank.task_key}.csv"
         written[name] = write_per_class_csv(out_dir / name, rows)
         tables[rank.task_key] = rows
-    for t, rank in enumerate(ranks):
-        name = f"confusion_{rank.task_key}.png"
-        _draw(written, name, plot_confusion, rank, taxonomy, t, plots_dir / name,
-              max_classes=max_classes, top_pairs=top_pairs)  # fmt: skip
-    _draw(written, "reliability.png", plot_reliability, ranks, plots_dir / "reliability.png")
+    if plots:
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        for t, rank in enumerate(ranks):
+            name = f"confusion_{rank.task_key}.png"
+            _draw(written, name, plot_confusion, rank, taxonomy, t, plots_dir / name,
+                  max_classes=max_classes, top_pairs=top_pairs)  # fmt: skip
+        _draw(written, "reliability.png", plot_reliability, ranks, plots_dir / "reliability.png")
     if wandb_run is not None:
         _log_wandb(wandb_run, tables, written, prefix, step)
     return written

@@ -151,7 +151,8 @@ def validate(run: Run) -> dict:
 
 
 def write_final_reports(run: Run) -> None:
-    """Per-class tables and confusion plots of the last validation, in ``reports/`` and ``plots/``."""
+    """Per-class tables and (with ``logger.plots``) confusion plots of the last validation, in
+    ``reports/`` and ``plots/``."""
     if not run.dist.is_main or not run.confusion:
         return
     write_reports(
@@ -162,6 +163,7 @@ def write_final_reports(run: Run) -> None:
         nometa=run.confusion.get("val_nometa"),
         wandb_run=getattr(run.logger, "wandb", None),
         step=run.state.step,
+        plots=run.cfg.logger.plots,
     )
     log.info("per-class results of the last validation: %s", run.run_dir / "reports")
 

@@ -295,13 +295,15 @@ def compare(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         datasets = {}
-        if (SOURCE / "train-images-idx3-ubyte.gz").is_file():
+        fashion = (SOURCE / "train-images-idx3-ubyte.gz").is_file()
+        if "fashion" in args.datasets and fashion:
             make_tree(tmp / "fashion", args.per_class)
             datasets["Fashion-MNIST (28 px PNG)"] = (tmp / "fashion", 32)
-        else:
+        elif "fashion" in args.datasets:
             print("Fashion-MNIST missing (apt-get install dataset-fashion-mnist): skipped")
-        photo_tree(tmp / "photos", args.photos)
-        datasets["photo crops (224 px JPEG)"] = (tmp / "photos", 224)
+        if "photos" in args.datasets:
+            photo_tree(tmp / "photos", args.photos)
+            datasets["photo crops (224 px JPEG)"] = (tmp / "photos", 224)
         modes = {
             name: build_variants(tree, tmp / f"{tree.name}_built") for name, (tree, _) in datasets.items()
         }
@@ -382,6 +384,9 @@ def main() -> None:
         "--per-class", type=int, default=300, help="--compare: Fashion-MNIST images per class"
     )
     parser.add_argument("--photos", type=int, default=1000, help="--compare: 224 px photo crops")
+    parser.add_argument(
+        "--datasets", nargs="+", choices=["fashion", "photos"], default=["fashion", "photos"], help="--compare"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="--compare: rounds; the best is reported")
     parser.add_argument(
         "--decoders", action="store_true", help="PIL vs torchvision decoding, DCT downscaling"

@@ -34,6 +34,11 @@ def test_ema_is_validated_saved_and_can_decide_best(tmp_path, demo_cache):
     assert ckpt["ema"].keys() == ckpt["model"].keys()
     assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])
     assert load_checkpoint(run / "checkpoints/best.pt")["preferred_weights"] == "ema"
+    # logger.plots=false: the per-class tables, and no PNG at all
+    assert sorted(p.name for p in (run / "reports").iterdir()) == [
+        f"per_class_{k}.csv" for k in ("taxa_L10", "taxa_L20", "taxa_L30", "taxa_L40")
+    ]
+    assert not list(run.rglob("*.png"))
 
 
 def test_early_stopping_stops_logs_and_keeps_its_count_across_a_resume(tmp_path, demo_cache):
