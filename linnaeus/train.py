@@ -7,12 +7,16 @@ what to do (log, validate, checkpoint, stop) and do it with ``log_train``, ``val
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
+import os
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 import torch
@@ -281,10 +285,10 @@ def train(run: Run) -> dict:
             if finished or end_of_epoch:
                 break
     bar.close()
+    shutdown_workers(run)  # now, not at interpreter exit; and before a requeue's SIGTERM can reach them
     if metrics and not run.signals.requested:
         write_final_reports(run)
     if run.signals.requested:
-        shutdown_workers(run)
         log.info(
             "stopped by %s at step %d of %d; checkpoint saved; run the same command again to resume",
             run.signals.name,
@@ -384,5 +388,21 @@ def hydra_entry(cfg: DictConfig) -> float | None:
     return metrics.get(monitor) if monitor else None
 
 
+def exit_process() -> NoReturn:
+    """End the process as a normal exit would, minus tearing down every imported module (about 1.5 s
+    with torch and timm loaded, after a run that is over): join the threads that a normal exit joins,
+    run the exit handlers (log flushes, RAM cache files deleted, loader workers stopped), flush the
+    standard streams, then leave."""
+    main = threading.main_thread()
+    for thread in threading.enumerate():
+        if thread is not main and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     hydra_entry()
+    exit_process()
