@@ -13,7 +13,7 @@ trainer (``python train.py``, images/s from ``metrics.jsonl``, the first logging
 plain PyTorch loop in this process with the same model, the same loader (``build_data``: same data,
 batch size, workers and augmentation) and the same AdamW settings and gradient clipping, but none
 of our training code (no schedule, metrics, checkpoint cadence, loss objects or batch transform), and
-prints the ratio of their images/s.
+prints the ratio of their images/s (the best of ``--rounds`` interleaved rounds of each side).
 
     python scripts/bench_train.py --compare-end-to-end           # Fashion-MNIST, data.cache=ram vs ImageFolder
 
@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -146,9 +147,14 @@ def compare_bare(args) -> None:
             "data=demo", *model_overrides(spec), f"data.image_size={args.image_size}",
             f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}", "data.check_images=false",
         ]  # fmt: skip
-        with tempfile.TemporaryDirectory() as tmp:
-            ours = trainer_rate(overrides, steps, log_every, Path(tmp) / "run")
-        bare = bare_rate(overrides, steps, args.warmup)
+        ours = bare = 0.0
+        for round_ in range(args.rounds):  # interleaved, alternating which side goes first; best of each
+            for side in (("ours", "bare") if round_ % 2 == 0 else ("bare", "ours")):
+                if side == "ours":
+                    with tempfile.TemporaryDirectory() as tmp:
+                        ours = max(ours, trainer_rate(overrides, steps, log_every, Path(tmp) / "run"))
+                else:
+                    bare = max(bare, bare_rate(overrides, steps, args.warmup))
         results.append({"model": spec, "trainer_images_s": ours, "bare_images_s": bare, "ratio": ours / bare})
         print(
             f"{spec:16s} trainer {ours:8.1f} images/s   bare loop {bare:8.1f} images/s   ratio {ours / bare:.3f}"
@@ -165,15 +171,35 @@ def final_val_top1(run_dir: Path) -> float:
     return [r[finest] for r in rows if finest in r][-1]
 
 
-def timed_command(command: list[str], env: dict[str, str]) -> tuple[float, str]:
+def timed_command(
+    command: list[str], env: dict[str, str], timeout: float, cache_dir: Path | None = None
+) -> tuple[float, str]:
     """(wall-clock seconds from start to exit, stdout) of ``command`` run from the repository; it must
-    exit with 0."""
+    exit with 0 within ``timeout`` s, or it is killed with every process it started, and the RAM cache
+    files that appeared in ``cache_dir`` meanwhile are removed."""
+    before = set(cache_dir.glob("*linnaeus-cache-*")) if cache_dir is not None else set()
     start = time.perf_counter()
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException as error:  # a hang or Ctrl-C; its own session, so Ctrl-C does not reach it
+        os.killpg(proc.pid, signal.SIGKILL)  # our trainer only records SIGTERM
+        proc.communicate()
+        left = set(cache_dir.glob("*linnaeus-cache-*")) - before if cache_dir is not None else set()
+        for file in left:
+            file.unlink(missing_ok=True)
+        if isinstance(error, subprocess.TimeoutExpired):
+            raise SystemExit(
+                f"{' '.join(command)} was still running after {timeout:.0f} s (hung?): killed"
+            ) from None
+        raise
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return elapsed, proc.stdout
+        raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{stderr[-3000:]}")
+    return elapsed, stdout
 
 
 def plain_imagefolder_loop(spec_file: str) -> None:
@@ -318,6 +344,7 @@ def compare_end_to_end(args) -> None:
             "data": {k: OmegaConf.to_container(cfg.data, resolve=True)[k]
                      for k in ("mean", "std", "image_size", "batch_size", "val_batch_size", "val_fraction")},
         }  # fmt: skip
+        cache_dir = Path(cfg.data.ram_cache_dir)
         spec_file = tmp / "plain_spec.yaml"
         OmegaConf.save(OmegaConf.create(spec), spec_file)
         trainer_command = [
@@ -337,11 +364,13 @@ def compare_end_to_end(args) -> None:
         ours, plain = [], []
         for round_ in range(args.rounds):
             run_dir = tmp / f"run{round_}"  # fresh: an existing run directory would be resumed
-            seconds, _ = timed_command([*trainer_command, f"hydra.run.dir={run_dir}"], env)
+            seconds, _ = timed_command(
+                [*trainer_command, f"hydra.run.dir={run_dir}"], env, args.run_timeout, cache_dir
+            )
             split = json.loads((run_dir / "split.json").read_text())
             ours.append({"s": seconds, "val_top1": final_val_top1(run_dir), "train": split["train"],
                          "val": split["val"]})  # fmt: skip
-            seconds, stdout = timed_command(plain_command, env)
+            seconds, stdout = timed_command(plain_command, env, args.run_timeout)
             last = json.loads(stdout.strip().splitlines()[-1])
             plain.append(
                 {"s": seconds, "val_top1": last["val_top1"], "train": last["train"], "val": last["val"]}
@@ -405,7 +434,13 @@ def main() -> None:
         "--rounds",
         type=int,
         default=2,
-        help="--compare-end-to-end: rounds; the best of each side is reported",
+        help="--compare-bare / --compare-end-to-end: interleaved rounds; the best of each side is reported",
+    )
+    parser.add_argument(
+        "--run-timeout",
+        type=float,
+        default=1800,
+        help="--compare-end-to-end: seconds before a run counts as hung",
     )
     parser.add_argument("--plain-imagefolder-loop", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
