@@ -385,7 +385,11 @@ def main() -> None:
     )
     parser.add_argument("--photos", type=int, default=1000, help="--compare: 224 px photo crops")
     parser.add_argument(
-        "--datasets", nargs="+", choices=["fashion", "photos"], default=["fashion", "photos"], help="--compare"
+        "--datasets",
+        nargs="+",
+        choices=["fashion", "photos"],
+        default=["fashion", "photos"],
+        help="--compare",
     )
     parser.add_argument("--rounds", type=int, default=2, help="--compare: rounds; the best is reported")
     parser.add_argument(

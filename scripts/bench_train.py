@@ -149,7 +149,7 @@ def compare_bare(args) -> None:
         ]  # fmt: skip
         ours = bare = 0.0
         for round_ in range(args.rounds):  # interleaved, alternating which side goes first; best of each
-            for side in (("ours", "bare") if round_ % 2 == 0 else ("bare", "ours")):
+            for side in ("ours", "bare") if round_ % 2 == 0 else ("bare", "ours"):
                 if side == "ours":
                     with tempfile.TemporaryDirectory() as tmp:
                         ours = max(ours, trainer_rate(overrides, steps, log_every, Path(tmp) / "run"))

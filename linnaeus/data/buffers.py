@@ -23,10 +23,10 @@ transposition (~85 us per 224 px image). The loader does this for batches headed
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 import math
 import sys
 import weakref
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import get_worker_info
@@ -59,6 +59,9 @@ def _watch(pool: int, slot: int, images: torch.Tensor) -> torch.Tensor:
 
 
 class BatchBuffers:
+    """The batch buffers of one dataset (module docstring): ``slots`` per loader worker (``workers``
+    of them, with a shared ``busy`` flag each), and up to ``slots`` in the main process."""
+
     def __init__(self, workers: int = 0, slots: int = 4, channels_last: bool = False) -> None:
         self.slots, self.channels_last = slots, channels_last
         self.local: list[torch.Tensor] = []  # main process only

@@ -199,11 +199,20 @@ def build_data(
     workers = data_cfg.num_workers
     buffers = dict(workers=workers, slots=data_cfg.prefetch_factor + 2, channels_last=channels_last)
     train_set = TaxonDataset(
-        train_store, **common, **meta, transform=worker_transform, encoded=train_encoded,
+        train_store,
+        **common,
+        **meta,
+        transform=worker_transform,
+        encoded=train_encoded,
         buffers=BatchBuffers(**buffers),
-    )  # fmt: skip
+    )
     val_set = TaxonDataset(
-        val_store, **common, **meta, transform=val_transform, encoded=val_encoded, buffers=BatchBuffers(**buffers)
+        val_store,
+        **common,
+        **meta,
+        transform=val_transform,
+        encoded=val_encoded,
+        buffers=BatchBuffers(**buffers),
     )
 
     mode = data_cfg.sampler.mode
