@@ -95,12 +95,18 @@ def test_in_process_buffers_are_reused_only_when_nobody_holds_them():
     view = again[1:]
     del again
     blocked, _ = buffers.take(shape, torch.uint8)
-    assert blocked.data_ptr() != first_ptr  # a view still holds it
-    array = held.numpy()
-    del held, view, blocked
-    assert buffers.take(shape, torch.uint8)[0].data_ptr() != array.ctypes.data  # a NumPy view holds it too
+    assert blocked.data_ptr() != first_ptr and view.data_ptr() != blocked.data_ptr()  # a view still holds it
     other, _ = buffers.take((2, 3, 8, 8), torch.uint8)
     assert other.shape == (2, 3, 8, 8)
+    # a NumPy array over a buffer holds it too
+    single = BatchBuffers(slots=1)
+    buffer, _ = single.take(shape, torch.uint8)
+    array = buffer.numpy()
+    del buffer
+    assert single.take(shape, torch.uint8)[0].data_ptr() != array.ctypes.data
+    pointer = array.ctypes.data
+    del array
+    assert single.take(shape, torch.uint8)[0].data_ptr() == pointer
 
 
 def test_a_batch_filled_in_place_never_changes_under_a_consumer_that_keeps_it(dataset):  # noqa: F811
