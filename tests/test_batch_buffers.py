@@ -174,3 +174,64 @@ def test_buffers_travel_to_spawned_workers_without_their_memory():
     state = buffers.__getstate__()
     assert state["local"] == [] and state["owned"] == {} and state["busy"] is buffers.busy
     assert buffers.busy.is_shared() and buffers.busy.shape == (6,) and np.all(buffers.busy.numpy() == 0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_worker_batches_arrive_in_slot_memory_mapped_once(dataset, channels_last):  # noqa: F811
+    """After a slot's first batch the main process keeps its memory mapped and later batches name only
+    the slot: over two epochs every batch (the short last one included, written into the front of a
+    slot) lies in one of the 2 x 2 slots, equals the in-process loader's, and its small tensors
+    arrived inside the message, not through shared memory."""
+    _, reference = data_for(dataset, "augmentation=default", batch_size=3)
+    # one batch ahead per worker, and the one the loop holds: two slots each are always enough
+    _, data = data_for(dataset, "augmentation=default", "data.prefetch_factor=1", workers=2, batch_size=3)
+    for loader in ("train_loader", "val_loader"):
+        getattr(data, loader).dataset.buffers = BatchBuffers(workers=2, slots=2, channels_last=channels_last)
+        getattr(reference, loader).dataset.buffers.channels_last = channels_last
+    for loader in ("train_loader", "val_loader"):
+        memory, sizes = set(), []
+        for epoch in range(2):
+            reference.train_batches.set_epoch(epoch)
+            data.train_batches.set_epoch(epoch)
+            expected = [(b["images"].clone(), b["targets"].clone()) for b in getattr(reference, loader)]
+            for (images, targets), batch in zip(expected, getattr(data, loader), strict=True):
+                assert torch.equal(batch["images"], images) and torch.equal(batch["targets"], targets)
+                assert not batch["targets"].is_shared() and not batch["index"].is_shared()
+                memory.add(batch["images"].data_ptr())
+                sizes.append(len(images))
+                del batch
+        buffers = getattr(data, loader).dataset.buffers
+        assert 2 <= len(memory) <= 4 and len(buffers.mapped) <= 4
+        assert {ptr for ptr in memory} <= {m.data_ptr() for _, m in buffers.mapped.values()}
+        if loader == "val_loader":
+            assert sizes[-1] < sizes[0]  # the short last batch came through a slot as well
+        gc.collect()
+        assert buffers.busy.sum() == 0
+
+
+def test_a_lease_for_memory_that_never_arrived_is_refused():
+    from linnaeus.data.buffers import _watch
+
+    buffers = BatchBuffers(workers=1, slots=1)
+    with pytest.raises(RuntimeError, match="never received"):
+        _watch(buffers.id, 0, (1, 2), 3, None)
+    memory = torch.arange(24, dtype=torch.uint8).view(4, 6)
+    rows = _watch(buffers.id, 0, (1, 2), 3, memory)  # the first lease brings the memory
+    assert torch.equal(rows, memory[:3]) and rows.data_ptr() == memory.data_ptr()
+    with pytest.raises(RuntimeError, match="never received"):
+        _watch(buffers.id, 0, (1, 3), 3, None)  # a newer allocation of the slot whose memory is missing
+    buffers.busy[0] = 1
+    del rows
+    gc.collect()
+    assert buffers.busy[0] == 0  # dropping the batch released the slot
+
+
+def test_small_tensors_travel_inside_the_message():
+    import pickle
+
+    from linnaeus.data.buffers import Inline, travelling
+
+    targets = torch.arange(64 * 4, dtype=torch.int64).view(64, 4)
+    assert travelling(targets) is targets  # in the main process nothing travels
+    back = pickle.loads(pickle.dumps(Inline(targets)))
+    assert isinstance(back, torch.Tensor) and torch.equal(back, targets) and back.dtype == torch.int64

@@ -8,11 +8,16 @@ under 1 ms. ``BatchBuffers.take`` hands out such buffers:
   other than the pool's own refers to it (reference counts);
 - in a loader worker: each worker owns ``slots`` buffers in shared memory and a row of the shared
   ``busy`` table. A batch written into slot k leaves the worker as a ``Lease`` in place of its images
-  tensor; unpickled in the main process, the lease turns back into the tensor and watches its memory
-  there, clearing the slot's flag once the last tensor or view on it is gone, so the worker writes
-  into that slot again only then. With
-  every slot busy (a consumer holding many batches) a worker falls back to fresh shared memory, as
-  PyTorch's own collate does.
+  tensor; unpickled in the main process, the lease turns back into a tensor over the slot and
+  watches it there, clearing the slot's flag once the last tensor or view on it is gone, so the
+  worker writes into that slot again only then. The slot's memory travels once, with its first
+  lease; the main process keeps it mapped, and later leases carry only the slot's number (a shared
+  tensor sent by PyTorch costs a file-descriptor hand-over through the worker's resource-sharer
+  thread and a fresh memory map, per tensor and batch). A shorter batch (an epoch's last) is
+  written into the front of its slot. With every slot busy (a consumer holding many batches) a
+  worker falls back to fresh shared memory, as PyTorch's own collate does.
+- ``Inline`` wraps the batch's small tensors (targets, metadata, indices) so that they travel inside
+  the pickled message rather than each through a shared-memory segment of its own.
 
 The batch's images may be laid out channels-last (``channels_last=True``: (B, 3, H, W) over (B, H, W, 3)
 memory), which is how the decoders return pixels: stacking is then a plain copy instead of a
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import sys
 import weakref
 from collections.abc import Iterator
@@ -33,6 +39,8 @@ from torch.utils.data import get_worker_info
 
 _POOLS: weakref.WeakValueDictionary[int, BatchBuffers] = weakref.WeakValueDictionary()  # by id, where made
 _IDS = itertools.count()
+_TOKENS = itertools.count()
+INLINE_BYTES = 1 << 16  # larger tensors go through shared memory, as PyTorch sends them
 
 
 def _storage_uses(tensor: torch.Tensor) -> int:
@@ -41,21 +49,61 @@ def _storage_uses(tensor: torch.Tensor) -> int:
 
 
 class Lease:
-    """Slot ``slot`` of pool ``pool`` holds ``images``: what a worker sends instead of the tensor.
-    Unpickled (in the main process) it is the tensor again, watched until nobody holds it."""
+    """Rows ``[:count]`` of slot ``slot`` of pool ``pool`` hold the batch: what a worker sends instead
+    of the images tensor. Unpickled (in the main process) it is a tensor over the slot again, watched
+    until nobody holds it. ``memory`` (the slot's whole buffer) travels only with a slot's first lease
+    after (re)allocation, ``token`` tells the allocations apart."""
 
-    def __init__(self, pool: int, slot: int, images: torch.Tensor) -> None:
-        self.pool, self.slot, self.images = pool, slot, images
+    def __init__(
+        self, pool: int, slot: int, token: tuple[int, int], count: int, memory: torch.Tensor | None
+    ) -> None:
+        self.pool, self.slot, self.token, self.count, self.memory = pool, slot, token, count, memory
 
     def __reduce__(self):
-        return _watch, (self.pool, self.slot, self.images)
+        return _watch, (self.pool, self.slot, self.token, self.count, self.memory)
 
 
-def _watch(pool: int, slot: int, images: torch.Tensor) -> torch.Tensor:
+def _watch(
+    pool: int, slot: int, token: tuple[int, int], count: int, memory: torch.Tensor | None
+) -> torch.Tensor:
+    """The batch tensor of a lease, in the main process: rows ``[:count]`` of the slot's memory, in a
+    storage of its own whose end releases the slot."""
     buffers = _POOLS.get(pool)
-    if buffers is not None:
-        weakref.finalize(images.untyped_storage(), buffers.release, slot)
-    return images
+    if buffers is None:  # not the process that made the pool: the memory must have come along
+        if memory is None:
+            raise RuntimeError(
+                f"a batch lease for slot {slot} of an unknown buffer pool arrived without memory"
+            )
+        return memory[:count].clone()
+    if memory is not None:
+        buffers.mapped[slot] = (token, memory)
+    known = buffers.mapped.get(slot)
+    if known is None or known[0] != token:
+        raise RuntimeError(f"a batch lease for slot {slot} names memory this process never received")
+    base = known[1]
+    # a new storage over the same memory (NumPy keeps ``base`` alive), so the batch's lifetime is its own
+    rows = torch.from_numpy(base.numpy()[:count])
+    weakref.finalize(rows.untyped_storage(), buffers.release, slot)
+    return rows.permute(0, 3, 1, 2) if buffers.channels_last and rows.dim() == 4 else rows
+
+
+class Inline:
+    """A small tensor that travels inside the pickled batch (by value) instead of through a
+    shared-memory segment and a file-descriptor hand-over of its own."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.array = tensor.numpy()
+
+    def __reduce__(self):
+        return torch.from_numpy, (self.array,)
+
+
+def travelling(tensor: torch.Tensor) -> torch.Tensor | Inline:
+    """``tensor`` as a loader worker should send it: ``Inline`` when small, itself otherwise (and in
+    the main process, where nothing travels)."""
+    if get_worker_info() is None or tensor.numel() * tensor.element_size() > INLINE_BYTES:
+        return tensor
+    return Inline(tensor)
 
 
 class BatchBuffers:
@@ -68,25 +116,35 @@ class BatchBuffers:
         self.track = hasattr(torch._C, "_storage_Use_Count")
         self._idle: tuple[int, int] | None = None  # the reference counts of a buffer nobody else holds
         self.busy = torch.zeros(workers * slots, dtype=torch.uint8).share_memory_() if workers else None
-        self.owned: dict[int, torch.Tensor] = {}  # in a worker: its slots' buffers
+        self.owned: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # in a worker: its slots
+        self.sent: set[int] = set()  # in a worker: slots whose memory the main process has
+        self.mapped: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # in the main process
         self.id = next(_IDS)
         _POOLS[self.id] = self
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "local": [], "owned": {}}  # buffers stay in their process
+        # buffers stay in their process
+        return {**self.__dict__, "local": [], "owned": {}, "sent": set(), "mapped": {}}
 
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, shared: bool = False) -> torch.Tensor:
+    def _permuted(self, shape: tuple[int, ...]) -> bool:
+        return self.channels_last and len(shape) == 4
+
+    def _memory_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (shape[0], shape[2], shape[3], shape[1]) if self._permuted(shape) else shape
+
+    def empty(
+        self, shape: tuple[int, ...], dtype: torch.dtype, shared: bool = False, layout: bool = True
+    ) -> torch.Tensor:
         """An uninitialised batch tensor (channels-last for image batches when asked), in shared
-        memory when ``shared`` (what a worker's batch travels through)."""
-        image_batch = self.channels_last and len(shape) == 4
-        memory = (shape[0], shape[2], shape[3], shape[1]) if image_batch else shape
+        memory when ``shared`` (what a worker's batch travels through). ``layout=False``: the memory
+        itself, (B, H, W, 3) for a channels-last batch."""
+        memory = self._memory_shape(shape)
         if shared:
             size = math.prod(memory) * torch.empty((), dtype=dtype).element_size()
-            flat = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(size))
-            out = flat.view(memory)
+            out = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(size)).view(memory)
         else:
             out = torch.empty(memory, dtype=dtype)
-        return out.permute(0, 3, 1, 2) if image_batch else out
+        return out.permute(0, 3, 1, 2) if layout and self._permuted(shape) else out
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, Lease | None]:
         """A buffer of ``shape``/``dtype`` to write a batch into, and the lease to send instead of it
@@ -116,11 +174,22 @@ class BatchBuffers:
             for slot in range(worker * self.slots, (worker + 1) * self.slots):
                 if self.busy[slot]:
                     continue
-                buffer = self.owned.get(slot)
-                if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
-                    buffer = self.owned[slot] = self.empty(shape, dtype, shared=True)
+                token, memory = self.owned.get(slot, (None, None))
+                if (
+                    memory is None
+                    or memory.shape[1:] != self._memory_shape(shape)[1:]
+                    or (memory.dtype != dtype or len(memory) < shape[0])
+                ):
+                    token = (os.getpid(), next(_TOKENS))
+                    memory = self.empty(shape, dtype, shared=True, layout=False)
+                    self.owned[slot] = (token, memory)
+                    self.sent.discard(slot)
                 self.busy[slot] = 1
-                return buffer, Lease(self.id, slot, buffer)
+                first = slot not in self.sent
+                self.sent.add(slot)
+                lease = Lease(self.id, slot, token, shape[0], memory if first else None)
+                rows = memory[: shape[0]]
+                return (rows.permute(0, 3, 1, 2) if self._permuted(shape) else rows), lease
         return self.empty(shape, dtype, shared=True), None
 
     def fill(self, images: Iterator[torch.Tensor], count: int) -> torch.Tensor | Lease:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from linnaeus.data.buffers import BatchBuffers
+from linnaeus.data.buffers import BatchBuffers, travelling
 from linnaeus.data.images import BadImageError, FolderImageStore, H5ImageStore
 from linnaeus.data.prepare import EncodedImages
 from linnaeus.data.transforms import is_deterministic, sample_seed
@@ -117,12 +117,12 @@ class TaxonDataset(Dataset):
             identifiers = [str(self.identifiers[i]) for i in indices]
             packed = EncodedImages.pack([self._read(i) for i in indices], identifiers, *self.encoded)
         rows = torch.as_tensor(indices, dtype=torch.int64)
-        return {
+        return {  # small tensors ride inside a worker's message (``travelling``)
             "images": packed,
-            "targets": self.targets[rows],
-            "meta": {k: v[rows] for k, v in self.meta.items()},
-            "meta_valid": {k: v[rows] for k, v in self.meta_valid.items()},
-            "index": rows,
+            "targets": travelling(self.targets[rows]),
+            "meta": {k: travelling(v[rows]) for k, v in self.meta.items()},
+            "meta_valid": {k: travelling(v[rows]) for k, v in self.meta_valid.items()},
+            "index": travelling(rows),
         }
 
     def collate(self, samples: list[dict] | dict) -> dict:
