@@ -27,10 +27,14 @@ against a plain PyTorch script in its own process on the same files: torchvision
 augmentation, normalised in the workers, a random ``data.val_fraction`` of the images held out and
 resized + centre-cropped as ours, the same model, AdamW settings, gradient clipping, batch size,
 workers and epochs, cross-entropy on every rank and top-1 at the finest rank after every epoch, but
-no schedule, checkpoints or reports. Each side runs ``--rounds`` times, interleaved; the best wall
-time of each is reported, with ratio plain / ours (> 1: ours is faster) and each side's final
-validation top-1. Both processes get ``OMP_NUM_THREADS=1`` (one torch thread in the main process, as
-in each loader worker; more only fight the workers on a small machine) unless the environment sets it.
+no schedule, checkpoints or reports. Both sides run under each of ``--settings``
+(``WORKERS:THREADS``: loader workers, and torch threads in the main process through
+``OMP_NUM_THREADS``, ``auto`` for torch's default of every core; default ``2:1 2:auto 0:auto``),
+``--rounds`` times, interleaved. The best wall time of each side and setting is reported with the
+ratio plain / ours (> 1: ours is faster) and each side's final validation top-1, and then the best
+setting of each side against the other's: with the images in RAM our loader needs no workers, while
+the ImageFolder script may be fastest with its workers decoding, so each side is compared at its
+best.
 """
 
 from __future__ import annotations
@@ -299,9 +303,26 @@ def plain_imagefolder_loop(spec_file: str) -> None:
         print(json.dumps(line), flush=True)
 
 
+def setting_env(threads: str) -> dict[str, str]:
+    """The environment of a run with ``threads`` torch threads ("auto": torch's default, all cores)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    return env if threads == "auto" else {**env, "OMP_NUM_THREADS": threads}
+
+
+def parse_settings(settings: list[str]) -> list[tuple[int, str]]:
+    """``WORKERS:THREADS`` strings -> (loader workers, torch threads or "auto")."""
+    parsed = []
+    for setting in settings:
+        workers, _, threads = setting.partition(":")
+        if not workers.isdigit() or not (threads == "auto" or threads.isdigit()):
+            raise SystemExit(f"--settings {setting!r}: expected WORKERS:THREADS, e.g. 2:1 or 0:auto")
+        parsed.append((int(workers), threads))
+    return parsed
+
+
 def compare_end_to_end(args) -> None:
-    """Every side run once per round, rounds interleaved; the best of ``--rounds`` is reported (a busy
-    machine only ever makes a run slower)."""
+    """Every side run once per round and setting, rounds interleaved; the best of ``--rounds`` is
+    reported per side and setting (a busy machine only ever makes a run slower)."""
     from hydra import compose, initialize_config_dir
 
     from linnaeus.config import register_configs
@@ -314,7 +335,7 @@ def compare_end_to_end(args) -> None:
     if not (SOURCE / "train-images-idx3-ubyte.gz").is_file():
         raise SystemExit(f"Fashion-MNIST is missing from {SOURCE} (apt-get install dataset-fashion-mnist)")
     model = args.model or "mformer_xs"
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    settings = parse_settings(args.settings)
     print(f"load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -325,14 +346,13 @@ def compare_end_to_end(args) -> None:
         overrides = [
             "data=h5", f"data.labels={built / 'labels.h5'}", f"data.images={built / 'images.h5'}",
             "data.cache=ram", *model_overrides(model), "data.image_size=32",
-            f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}", f"train.epochs={args.epochs}",
+            f"data.batch_size={args.batch_size}", f"train.epochs={args.epochs}",
         ]  # fmt: skip
         register_configs()
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
             cfg = compose("config", overrides=overrides)
         spec = {
             "tree": str(tree),
-            "workers": args.workers,
             "epochs": args.epochs,
             "seed": cfg.seed,
             "grad_clip": cfg.train.grad_clip,
@@ -345,53 +365,69 @@ def compare_end_to_end(args) -> None:
                      for k in ("mean", "std", "image_size", "batch_size", "val_batch_size", "val_fraction")},
         }  # fmt: skip
         cache_dir = Path(cfg.data.ram_cache_dir)
-        spec_file = tmp / "plain_spec.yaml"
-        OmegaConf.save(OmegaConf.create(spec), spec_file)
         trainer_command = [
             sys.executable, "train.py", *overrides, "logger.wandb.mode=disabled", "logger.progress_bar=false",
             "logger.plots=false", "checkpoint.every_steps=1000000",
         ]  # fmt: skip
-        plain_command = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--plain-imagefolder-loop",
-            str(spec_file),
-        ]
+        spec_files = {}
+        for workers in {w for w, _ in settings}:
+            spec_files[workers] = tmp / f"plain_spec_{workers}.yaml"
+            OmegaConf.save(OmegaConf.create({**spec, "workers": workers}), spec_files[workers])
+        plain_command = [sys.executable, str(Path(__file__).resolve()), "--plain-imagefolder-loop"]
         print(f"Fashion-MNIST: {count} images, 10 classes in 3 ranks | {model}, 32 px, batch {args.batch_size}, "
-              f"{args.epochs} epochs, {args.workers} workers, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}")  # fmt: skip
-        print(f"ours:  {' '.join(trainer_command)} hydra.run.dir=...")
-        print(f"plain: {' '.join(plain_command)}")
-        ours, plain = [], []
+              f"{args.epochs} epochs | settings (loader workers:torch threads): {' '.join(args.settings)}")  # fmt: skip
+        print(f"ours:  {' '.join(trainer_command)} data.num_workers=W hydra.run.dir=...")
+        print(f"plain: {' '.join(plain_command)} SPEC (workers W)")
+        runs: dict[tuple[str, int, str], list[dict]] = {}
         for round_ in range(args.rounds):
-            run_dir = tmp / f"run{round_}"  # fresh: an existing run directory would be resumed
-            seconds, _ = timed_command(
-                [*trainer_command, f"hydra.run.dir={run_dir}"], env, args.run_timeout, cache_dir
-            )
-            split = json.loads((run_dir / "split.json").read_text())
-            ours.append({"s": seconds, "val_top1": final_val_top1(run_dir), "train": split["train"],
-                         "val": split["val"]})  # fmt: skip
-            seconds, stdout = timed_command(plain_command, env, args.run_timeout)
-            last = json.loads(stdout.strip().splitlines()[-1])
-            plain.append(
-                {"s": seconds, "val_top1": last["val_top1"], "train": last["train"], "val": last["val"]}
-            )
-            print(
-                f"round {round_ + 1} of {args.rounds}: ours {ours[-1]['s']:6.1f} s (val top-1 {ours[-1]['val_top1']:.3f}, "
-                f"{ours[-1]['train']}/{ours[-1]['val']} train/val)   plain ImageFolder loop {seconds:6.1f} s "
-                f"(val top-1 {last['val_top1']:.3f}, {last['train']}/{last['val']})   load average {os.getloadavg()}"
-            )
-    best_ours, best_plain = min(ours, key=lambda r: r["s"]), min(plain, key=lambda r: r["s"])
-    ratio = best_plain["s"] / best_ours["s"]
+            for n, (workers, threads) in enumerate(settings):
+                env = setting_env(threads)
+                run_dir = tmp / f"run{round_}_{n}"  # fresh: an existing run directory would be resumed
+                seconds, _ = timed_command(
+                    [*trainer_command, f"data.num_workers={workers}", f"hydra.run.dir={run_dir}"],
+                    env, args.run_timeout, cache_dir,
+                )  # fmt: skip
+                split = json.loads((run_dir / "split.json").read_text())
+                runs.setdefault(("ours", workers, threads), []).append(
+                    {"s": seconds, "val_top1": final_val_top1(run_dir), "train": split["train"], "val": split["val"]}
+                )  # fmt: skip
+                seconds, stdout = timed_command(
+                    [*plain_command, str(spec_files[workers])], env, args.run_timeout
+                )
+                last = json.loads(stdout.strip().splitlines()[-1])
+                runs.setdefault(("plain", workers, threads), []).append(
+                    {"s": seconds, "val_top1": last["val_top1"], "train": last["train"], "val": last["val"]}
+                )
+                ours, plain = runs["ours", workers, threads][-1], runs["plain", workers, threads][-1]
+                print(
+                    f"round {round_ + 1} of {args.rounds}, {workers} workers, threads {threads:4s}: "
+                    f"ours {ours['s']:6.1f} s (val top-1 {ours['val_top1']:.3f}, {ours['train']}/{ours['val']} "
+                    f"train/val)   plain {plain['s']:6.1f} s (val top-1 {plain['val_top1']:.3f}, "
+                    f"{plain['train']}/{plain['val']})   load average {os.getloadavg()[0]:.2f}"
+                )
+    best = {key: min(r["s"] for r in rs) for key, rs in runs.items()}
+    rows = []
+    for workers, threads in settings:
+        ours, plain = best["ours", workers, threads], best["plain", workers, threads]
+        rows.append({"workers": workers, "threads": threads, "ours_best_s": ours, "plain_best_s": plain,
+                     "ratio_plain_over_ours": plain / ours})  # fmt: skip
+        print(f"{workers} workers, threads {threads:4s}: best ours {ours:6.1f} s   plain {plain:6.1f} s   "
+              f"ratio plain/ours {plain / ours:.3f}")  # fmt: skip
+    ours_key = min((k for k in best if k[0] == "ours"), key=best.get)
+    plain_key = min((k for k in best if k[0] == "plain"), key=best.get)
+    ratio = best[plain_key] / best[ours_key]
     print(
-        f"best: ours {best_ours['s']:.1f} s   plain ImageFolder loop {best_plain['s']:.1f} s   "
+        f"best setting of each: ours {best[ours_key]:.1f} s ({ours_key[1]} workers, threads {ours_key[2]})   "
+        f"plain {best[plain_key]:.1f} s ({plain_key[1]} workers, threads {plain_key[2]})   "
         f"ratio plain/ours {ratio:.3f} (> 1: ours is faster)"
     )
     print(f"load average after: {os.getloadavg()}")
     result = {
         "dataset": "fashion-mnist", "images": count, "model": model, "image_size": 32,
-        "batch_size": args.batch_size, "epochs": args.epochs, "workers": args.workers,
-        "omp_threads": env["OMP_NUM_THREADS"], "ours": ours, "plain": plain, "ours_best_s": best_ours["s"],
-        "plain_best_s": best_plain["s"], "ratio_plain_over_ours": ratio,
+        "batch_size": args.batch_size, "epochs": args.epochs, "settings": rows,
+        "runs": {f"{side} {w}:{t}": rs for (side, w, t), rs in runs.items()},
+        "best_of_each": {"ours": list(ours_key[1:]), "plain": list(plain_key[1:]),
+                         "ratio_plain_over_ours": ratio},
     }  # fmt: skip
     print(json.dumps(result))
 
@@ -418,9 +454,7 @@ def main() -> None:
         default=["mformer_xs", "timm:resnet18"],
         help="--compare-bare: conf/model names; timm:NAME for model=timm model.name=NAME",
     )
-    parser.add_argument(
-        "--workers", type=int, default=2, help="--compare-bare, --compare-end-to-end: data.num_workers"
-    )
+    parser.add_argument("--workers", type=int, default=2, help="--compare-bare: data.num_workers")
     parser.add_argument(
         "--compare-end-to-end",
         action="store_true",
@@ -430,6 +464,12 @@ def main() -> None:
         "--per-class", type=int, default=200, help="--compare-end-to-end: Fashion-MNIST images per class"
     )
     parser.add_argument("--epochs", type=int, default=5, help="--compare-end-to-end: training epochs")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["2:1", "2:auto", "0:auto"],
+        help="--compare-end-to-end: WORKERS:THREADS settings both sides run under (THREADS: a number or auto)",
+    )
     parser.add_argument(
         "--rounds",
         type=int,
