@@ -200,11 +200,45 @@ def test_jpeg_size_and_dct_downscaled_decode():
     quarter = decode_bytes(np.frombuffer(baseline, np.uint8), min_side=96)
     assert half.shape == (3, 192, 256) and quarter.shape == (3, 96, 128)
     assert half.dtype == quarter.dtype == torch.uint8
+    for scaled, side in ((half, 150), (quarter, 96)):  # the pixels PIL's draft mode decodes
+        with Image.open(io.BytesIO(baseline)) as img:
+            img.draft("RGB", (side, side))
+            assert torch.equal(scaled, torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1))
     # the same picture: close to the full decode averaged over 2 x 2 pixels
     pooled = torch.nn.functional.avg_pool2d(full.float()[None], 2)[0]
     assert (half.float() - pooled).abs().mean() < 3.0
     png = encode(array, "PNG")
     assert decode_bytes(png, min_side=50).shape == (3, 384, 512)  # only JPEGs are downscaled
+
+
+@pytest.mark.parametrize("subsampling", [0, 1, 2])
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("shape", [(120, 97), (33, 200), (7, 5)])
+def test_jpeg_decoding_gives_torchvisions_pixels(subsampling, progressive, shape):
+    """JPEGs go through simplejpeg for speed; every chroma subsampling, progressive or not, odd sizes
+    and grayscale decode to exactly the pixels torchvision's decode_image gives (as the loader used
+    to), as writable uint8 tensors from bytes, NumPy views and tensors alike; CMYK ends as RGB."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    array = photo(*shape, seed=subsampling + 3 * progressive)
+    for data in (
+        encode(array, "JPEG", quality=90, subsampling=subsampling, progressive=progressive),
+        encode(array[..., 1], "JPEG", quality=80, progressive=progressive),  # grayscale
+    ):
+        expected = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        for given in (
+            data,
+            np.frombuffer(data, np.uint8),
+            torch.frombuffer(bytearray(data), dtype=torch.uint8),
+        ):
+            got = decode_bytes(given)
+            assert got.dtype == torch.uint8 and got.shape == (3, *shape) and torch.equal(got, expected)
+    buffer = io.BytesIO()
+    Image.fromarray(array).convert("CMYK").save(buffer, format="JPEG", quality=95)
+    got = decode_bytes(buffer.getvalue())
+    assert (
+        got.shape == (3, *shape) and (got.float() - torch.from_numpy(array).permute(2, 0, 1)).abs().mean() < 6
+    )
 
 
 class WorkerProbe(Dataset):
