@@ -28,8 +28,9 @@ CROPS = [
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
 def test_crop_and_flip_give_torchvisions_images_for_the_same_seed(scale, ratio, shape, dtype):
     """Same draws, same kernel: every seed gives the image v2.RandomResizedCrop + flips give, so runs
-    stay comparable with the earlier pipeline and the device path (which runs these modules too). The
-    fixed crop (scale = ratio = 1) draws nothing, so there it is compared on its own."""
+    stay comparable with the earlier pipeline and the device path (which runs these modules too), and
+    from (H, W, C) memory as from (C, H, W). The fixed crop (scale = ratio = 1) draws nothing, so there
+    it is compared on its own."""
     image = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     image = image if dtype == torch.uint8 else image.float() / 255
     size = 32 if shape[1] < 100 else 224
@@ -41,12 +42,15 @@ def test_crop_and_flip_give_torchvisions_images_for_the_same_seed(scale, ratio, 
     ours = v2.Compose(
         [ResizedCrop(size, scale, ratio)] + ([Flip(0.5, dim=-1), Flip(0.3, dim=-2)] if flips else [])
     )
+    hwc = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # (H, W, C) memory, as decoders return it
     for seed in range(40):
         with seeded_rng(seed):
             expected = theirs(image)
         with seeded_rng(seed):
             got = ours(image)
         assert got.shape == (3, size, size) and torch.equal(got, expected), seed
+        with seeded_rng(seed):  # the same pixels from (H, W, C) memory, through the fast resize path
+            assert torch.equal(ours(hwc), expected), seed
 
 
 def test_augmentation_none_is_deterministic_and_default_is_not():

@@ -47,7 +47,7 @@ def dataset(tmp_path_factory):
     return root
 
 
-def data_for(dataset, *overrides: str, workers: int = 0, batch_size: int = 8):
+def data_for(dataset, *overrides: str, workers: int = 0, batch_size: int = 8, channels_last: bool = False):
     cfg = compose_cfg(
         "data=h5",
         f"data.labels={dataset / 'labels.h5'}",
@@ -60,7 +60,7 @@ def data_for(dataset, *overrides: str, workers: int = 0, batch_size: int = 8):
         "data.check_images=false",
         *overrides,
     )
-    return cfg, build_data(cfg.data, cfg.augmentation, run_dir=None, seed=5)
+    return cfg, build_data(cfg.data, cfg.augmentation, run_dir=None, seed=5, channels_last=channels_last)
 
 
 def first_train_batch(data, epoch: int = 0) -> dict:
@@ -157,10 +157,20 @@ def test_gpu_decode_names_a_bad_image_and_checks_its_settings(dataset):
         data_for(dataset, "data.decode=gpu", "augmentation.device=gpu", "data.cache=ram")
 
 
-def test_ram_cache_gives_the_same_images_as_no_cache(dataset, tmp_path):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_ram_cache_gives_the_same_images_as_no_cache(dataset, tmp_path, channels_last):
+    """Cached images equal decoded ones, in contiguous batches and in channels-last ones (GPU
+    training), whatever the cache's own (L, L, 3) layout."""
     args = ("augmentation=default", "augmentation.device=gpu")  # workers load 37 px squares, the cache size
     _, plain = data_for(dataset, *args)
-    _, cached = data_for(dataset, *args, f"data.ram_cache_dir={tmp_path}", "data.cache=ram", workers=2)
+    _, cached = data_for(
+        dataset,
+        *args,
+        f"data.ram_cache_dir={tmp_path}",
+        "data.cache=ram",
+        workers=2,
+        channels_last=channels_last,
+    )
     num_train, num_val = cached.num_train, cached.num_val
     sizes = sorted(f.stat().st_size for f in tmp_path.glob("linnaeus-cache-*.u8"))
     # one array per split, every image once: training at the load size, validation as it is cropped
@@ -169,8 +179,13 @@ def test_ram_cache_gives_the_same_images_as_no_cache(dataset, tmp_path):
     for epoch in (0, 1):
         a, b = first_train_batch(plain, epoch), first_train_batch(cached, epoch)
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["images"], b["images"])
+        assert b["images"].is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
     a, b = next(iter(plain.val_loader)), next(iter(cached.val_loader))
     assert torch.equal(a["images"], b["images"])
+    image = cached.train_loader.dataset.store.read(int(cached.train_loader.dataset.store.rows[0]), "")
+    assert image.shape == (3, 37, 37) and image.permute(1, 2, 0).is_contiguous()  # a view of the file
 
     class Unreadable(H5ImageStore):
         def read(self, row, identifier):
@@ -178,8 +193,8 @@ def test_ram_cache_gives_the_same_images_as_no_cache(dataset, tmp_path):
 
     # another rank of the node maps the filled arrays without decoding anything
     ds, val = cached.train_loader.dataset, cached.val_loader.dataset
-    parts = [
-        CachePart(ds.store.rows, ds.identifiers[ds.store.rows], 37, 37),  # the rows are the label rows here
+    parts = [  # the rows are the label rows here
+        CachePart(ds.store.rows, ds.identifiers[ds.store.rows], 37, 37),
         CachePart(val.store.rows, val.identifiers[val.store.rows], 37, 32),
     ]
     other = build_ram_cache(Unreadable(dataset / "images.h5"), parts, directory=tmp_path, local_rank=1)
