@@ -25,7 +25,8 @@ import json
 import logging
 import math
 import shutil
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import hydra
@@ -37,12 +38,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from linnaeus.config import register_configs
-from linnaeus.confusion import ConfusionCounts
-from linnaeus.data.loader import build_data
+from linnaeus.confusion import ConfusionCounts, RankConfusion
+from linnaeus.data.loader import DataBundle, build_data
 from linnaeus.data.taxonomy import Taxonomy
 from linnaeus.dist import all_reduce_sum, cleanup, init_distributed
 from linnaeus.evaluation import evaluate, metadata_views
-from linnaeus.inference import APPS_CONFIG_DIR, UsageError, load_run, resolve_device, run_cli
+from linnaeus.inference import APPS_CONFIG_DIR, LoadedRun, UsageError, load_run, resolve_device, run_cli
 from linnaeus.losses import build_loss
 from linnaeus.reports import write_reports
 from linnaeus.run import plan_steps
@@ -191,6 +192,162 @@ def _clean(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def eval_data_config(cfg: DictConfig, run: LoadedRun) -> tuple[DictConfig, bool]:
+    """The ``data`` node to build, with the command's loader settings; and whether it is the run's dataset."""
+    choices = HydraConfig.get().runtime.choices
+    data_cfg, same_data = data_config(
+        run.cfg.data, cfg.data, group=choices.get("data"), explicit=explicit_data_keys(),
+        task_keys=run.taxonomy.task_keys,
+    )  # fmt: skip
+    if cfg.batch_size is not None:
+        data_cfg.val_batch_size = cfg.batch_size
+    if cfg.num_workers is not None:
+        data_cfg.num_workers = cfg.num_workers
+    if "cache" in data_cfg:
+        data_cfg.cache = "none"  # a RAM cache holds only the run's split, and is built for many epochs
+    return data_cfg, same_data
+
+
+def place_split_file(run_dir: Path, out: Path, *, same_data: bool, is_main: bool) -> None:
+    """Rank 0: the run's ``split.json`` into ``out`` for the run's dataset, none for another dataset."""
+    # the run's persisted split, so that split=val is the trainer's validation set; another dataset
+    # gets a fresh split (written to out/split.json)
+    split_file = out / "split.json"
+    if same_data and (run_dir / "split.json").is_file():
+        if is_main and (run_dir / "split.json").resolve() != split_file.resolve():
+            shutil.copyfile(run_dir / "split.json", split_file)
+    elif is_main:
+        split_file.unlink(missing_ok=True)
+        if same_data:
+            log.warning("%s has no split.json; the split is made again from the config's seed", run_dir)
+
+
+def check_metadata(data_dims: dict[str, int], model_dims: dict[str, int]) -> None:
+    """Fail on metadata wider or narrower than the model takes; warn about metadata the dataset lacks."""
+    for name, width in data_dims.items():
+        if name in model_dims and model_dims[name] != width:
+            raise UsageError(
+                f"metadata '{name}' has {width} columns in the dataset but the model takes {model_dims[name]}"
+            )
+    missing = [name for name in model_dims if name not in data_dims]
+    if missing:
+        log.warning("the dataset has no %s metadata; the model sees it as missing", ", ".join(missing))
+
+
+def model_class_counts(
+    class_counts: list[np.ndarray], maps: list[np.ndarray] | None, taxonomy: Taxonomy
+) -> list[np.ndarray]:
+    """The dataset's training samples per class in the model's label space (for class-weighted losses)."""
+    if maps is None:
+        return class_counts
+    counts_per_task = []
+    for t, m in enumerate(maps):
+        counts = np.zeros(taxonomy.num_classes[t], dtype=np.int64)
+        np.add.at(counts, m, class_counts[t])
+        counts_per_task.append(counts)
+    return counts_per_task
+
+
+def build_eval_loss(
+    run: LoadedRun, data: DataBundle, maps: list[np.ndarray] | None, device: torch.device
+) -> torch.nn.Module:
+    """The run's loss on ``device`` as at its last validation, with its learned task weights."""
+    class_counts = model_class_counts(data.class_counts, maps, run.taxonomy)
+    loss_fn = build_loss(
+        run.cfg.loss, run.taxonomy, class_counts, total_steps=plan_steps(run.cfg, data).total_steps
+    )
+    if "loss" in run.ckpt:
+        loss_fn.load_state_dict(run.ckpt["loss"])  # learned task weights (GradNorm)
+    loss_fn.set_step(max((run.step or 0) - 1, 0))  # as during the run's last validation
+    return loss_fn.to(device)
+
+
+def autocast_for(cfg: DictConfig, run: LoadedRun, device: torch.device) -> tuple[str, AbstractContextManager]:
+    """The precision (the command's, else the run's) and the autocast context it runs under."""
+    precision = str(cfg.precision if cfg.precision is not None else run.cfg.train.precision)
+    amp = PRECISIONS[precision]
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+    return precision, autocast
+
+
+def split_views(split: str, components: list[str], *, mask_each: bool) -> dict:
+    """The metadata views to evaluate, named after the split (``<split>/...``, ``<split>_nometa/...``)."""
+    views = metadata_views(components, mask_each=components if mask_each else [])
+    return {split + prefix[len("val") :]: masked for prefix, masked in views.items()}
+
+
+def confusion_counts(
+    views: dict, split: str, taxonomy: Taxonomy, device: torch.device
+) -> dict[str, ConfusionCounts]:
+    """View -> confusion counts to collect: the split's view, and its fully masked view when there is one."""
+    main_view, nometa_view = split, f"{split}_nometa"
+    collect = {main_view: ConfusionCounts(taxonomy, device)}
+    if nometa_view in views:
+        collect[nometa_view] = ConfusionCounts(taxonomy, device)
+    return collect
+
+
+def progress_bar(total: int, split: str, *, show: bool) -> Callable:
+    """Wraps the evaluated batches in a progress bar (hidden when ``show`` is false)."""
+
+    def progress(batches):
+        return tqdm(batches, total=total, desc=f"evaluate {split}", unit="batch", disable=not show)
+
+    return progress
+
+
+def metrics_record(
+    cfg: DictConfig,
+    run: LoadedRun,
+    data: DataBundle,
+    ranks: list[RankConfusion],
+    metrics: dict,
+    *,
+    images: int,
+    precision: str,
+) -> dict:
+    """The content of ``metrics.json``: what was evaluated, on how many images, and the metrics."""
+    return {
+        "checkpoint": str(run.path),
+        "run_dir": str(run.run_dir),
+        "step": run.step,
+        "weights": run.weights,
+        "split": cfg.split,
+        "precision": precision,
+        "data": {"labels": data.report.get("labels"), "images": data.report.get("images")},
+        "images": images,
+        "support": {r.task_key: int(r.count.sum()) for r in ranks},
+        "metrics": {k: _clean(v) for k, v in metrics.items()},
+    }
+
+
+def write_results(
+    cfg: DictConfig,
+    run: LoadedRun,
+    data: DataBundle,
+    out: Path,
+    metrics: dict,
+    collect: dict[str, ConfusionCounts],
+    *,
+    images: int,
+    precision: str,
+) -> None:
+    """Into ``out``: ``metrics.json``, the per-class reports and the W&B run; the top-1 summary in the log."""
+    main_view, nometa_view = cfg.split, f"{cfg.split}_nometa"
+    ranks = collect[main_view].result()
+    record = metrics_record(cfg, run, data, ranks, metrics, images=images, precision=precision)
+    (out / "metrics.json").write_text(json.dumps(record, indent=1))
+    wandb_run = _start_wandb(cfg, run, out) if cfg.wandb != "disabled" else None
+    written = write_reports(
+        out, ranks, run.taxonomy, nometa=collect.get(nometa_view), wandb_run=wandb_run, prefix=cfg.split,
+        max_classes=cfg.confusion_max_classes, top_pairs=cfg.confusion_top_pairs,
+    )  # fmt: skip
+    if wandb_run is not None:
+        _finish_wandb(wandb_run, metrics, [out / "metrics.json", *written.values()], run)
+    shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(f"{main_view}/top1/")}
+    log.info("%s | %d images | results in %s", shown, images, out)
+
+
 def main(cfg: DictConfig) -> dict:
     check_options(cfg)
     dist_info = init_distributed(str(resolve_device(cfg.device)) if cfg.device != "auto" else "auto")
@@ -200,27 +357,8 @@ def main(cfg: DictConfig) -> dict:
     out = Path(cfg.out).expanduser() if cfg.out else run.run_dir / "eval" / run.path.stem
     out.mkdir(parents=True, exist_ok=True)
 
-    choices = HydraConfig.get().runtime.choices
-    data_cfg, same_data = data_config(
-        run.cfg.data, cfg.data, group=choices.get("data"), explicit=explicit_data_keys(),
-        task_keys=taxonomy.task_keys,
-    )  # fmt: skip
-    if cfg.batch_size is not None:
-        data_cfg.val_batch_size = cfg.batch_size
-    if cfg.num_workers is not None:
-        data_cfg.num_workers = cfg.num_workers
-    if "cache" in data_cfg:
-        data_cfg.cache = "none"  # a RAM cache holds only the run's split, and is built for many epochs
-    # the run's persisted split, so that split=val is the trainer's validation set; another dataset
-    # gets a fresh split (written to out/split.json)
-    split_file = out / "split.json"
-    if same_data and (run.run_dir / "split.json").is_file():
-        if is_main and (run.run_dir / "split.json").resolve() != split_file.resolve():
-            shutil.copyfile(run.run_dir / "split.json", split_file)
-    elif is_main:
-        split_file.unlink(missing_ok=True)
-        if same_data:
-            log.warning("%s has no split.json; the split is made again from the config's seed", run.run_dir)
+    data_cfg, same_data = eval_data_config(cfg, run)
+    place_split_file(run.run_dir, out, same_data=same_data, is_main=is_main)
     if dist_info.is_distributed:
         torch.distributed.barrier()
     data = build_data(
@@ -229,48 +367,15 @@ def main(cfg: DictConfig) -> dict:
         channels_last=device.type == "cuda",
     )  # fmt: skip
     maps = label_maps(data.taxonomy, taxonomy)
-    for name, width in data.meta_dims.items():
-        if name in run.meta_dims and run.meta_dims[name] != width:
-            raise UsageError(
-                f"metadata '{name}' has {width} columns in the dataset but the model takes {run.meta_dims[name]}"
-            )
-    missing = [name for name in run.meta_dims if name not in data.meta_dims]
-    if missing:
-        log.warning("the dataset has no %s metadata; the model sees it as missing", ", ".join(missing))
+    check_metadata(data.meta_dims, run.meta_dims)
+    loss_fn = build_eval_loss(run, data, maps, device)
 
-    class_counts = data.class_counts
-    if maps is not None:  # into the model's label space (for class-weighted losses)
-        class_counts = []
-        for t, m in enumerate(maps):
-            counts = np.zeros(taxonomy.num_classes[t], dtype=np.int64)
-            np.add.at(counts, m, data.class_counts[t])
-            class_counts.append(counts)
-    loss_fn = build_loss(
-        run.cfg.loss, taxonomy, class_counts, total_steps=plan_steps(run.cfg, data).total_steps
-    )
-    if "loss" in run.ckpt:
-        loss_fn.load_state_dict(run.ckpt["loss"])  # learned task weights (GradNorm)
-    loss_fn.set_step(max((run.step or 0) - 1, 0))  # as during the run's last validation
-    loss_fn = loss_fn.to(device)
-
-    precision = str(cfg.precision if cfg.precision is not None else run.cfg.train.precision)
-    amp = PRECISIONS[precision]
-    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-    components = list(data.meta_dims)
-    views = metadata_views(components, mask_each=components if cfg.mask_each else [])
-    views = {cfg.split + prefix[len("val") :]: masked for prefix, masked in views.items()}
-    main_view, nometa_view = cfg.split, f"{cfg.split}_nometa"
-    collect = {main_view: ConfusionCounts(taxonomy, device)}
-    if nometa_view in views:
-        collect[nometa_view] = ConfusionCounts(taxonomy, device)
-
+    precision, autocast = autocast_for(cfg, run, device)
+    views = split_views(cfg.split, list(data.meta_dims), mask_each=cfg.mask_each)
+    collect = confusion_counts(views, cfg.split, taxonomy, device)
     loader = RelabelledLoader(split_loader(data, cfg.split, dist_info.rank, dist_info.world_size), maps)
     total = len(loader) if cfg.limit_batches is None else min(len(loader), cfg.limit_batches)
-    show = is_main and cfg.progress_bar
-
-    def progress(batches):
-        return tqdm(batches, total=total, desc=f"evaluate {cfg.split}", unit="batch", disable=not show)
-
+    progress = progress_bar(total, cfg.split, show=is_main and cfg.progress_bar)
     log.info(
         "evaluating %s (step %s, %s weights) on %s | %s split | %d batches | precision %s | device %s",
         run.path, run.step, run.weights, data.report.get("labels"), cfg.split, total, precision, device,
@@ -280,31 +385,8 @@ def main(cfg: DictConfig) -> dict:
         limit=cfg.limit_batches, prepare=getattr(data, "prepare", None), progress=progress, collect=collect,
     )  # fmt: skip
     images = int(all_reduce_sum(torch.tensor([loader.images], dtype=torch.int64, device=device)).item())
-
     if is_main:
-        ranks = collect[main_view].result()
-        record = {
-            "checkpoint": str(run.path),
-            "run_dir": str(run.run_dir),
-            "step": run.step,
-            "weights": run.weights,
-            "split": cfg.split,
-            "precision": precision,
-            "data": {"labels": data.report.get("labels"), "images": data.report.get("images")},
-            "images": images,
-            "support": {r.task_key: int(r.count.sum()) for r in ranks},
-            "metrics": {k: _clean(v) for k, v in metrics.items()},
-        }
-        (out / "metrics.json").write_text(json.dumps(record, indent=1))
-        wandb_run = _start_wandb(cfg, run, out) if cfg.wandb != "disabled" else None
-        written = write_reports(
-            out, ranks, taxonomy, nometa=collect.get(nometa_view), wandb_run=wandb_run, prefix=cfg.split,
-            max_classes=cfg.confusion_max_classes, top_pairs=cfg.confusion_top_pairs,
-        )  # fmt: skip
-        if wandb_run is not None:
-            _finish_wandb(wandb_run, metrics, [out / "metrics.json", *written.values()], run)
-        shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(f"{main_view}/top1/")}
-        log.info("%s | %d images | results in %s", shown, images, out)
+        write_results(cfg, run, data, out, metrics, collect, images=images, precision=precision)
     cleanup()
     return metrics
 
