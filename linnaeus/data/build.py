@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +233,90 @@ def check_images(records: Records, max_side: int | None, workers: int) -> list[t
 
 
 # ---------------------------------------------------------------------- build
+def _prepare_output(out: Path, source: dict, force: bool) -> bool:
+    """Check that ``out`` may be written and clear old staging folders; whether it holds a dataset."""
+    inputs = [Path(source["root"])] + ([Path(source["file"])] if "file" in source else [])
+    had_dataset = check_output(
+        out,
+        force=force,
+        sources=inputs,
+        scan_root=Path(source["root"]) if source["mode"] == "folder" else None,
+    )
+    remove_stale_staging(out)
+    return had_dataset
+
+
+def _checked_records(
+    records: Records, on_conflict: str, out: Path, had_dataset: bool, report: dict
+) -> Records:
+    """The records that pass the label checks; on a failure the report is written before the error."""
+    findings = records.findings
+    try:
+        keep = check_labels(records, on_conflict)
+    except DatasetError:
+        _write_failure_report(
+            out,
+            had_dataset,
+            {**report, **findings.to_dict(), "taxonomy_conflicts": findings.taxonomy_conflicts},
+        )
+        raise
+    return records.subset(keep)
+
+
+def _readable_images(
+    results: list[tuple], bad: list[tuple[str, str]], strict: bool, out: Path, had_dataset: bool, report: dict
+) -> list[int]:
+    """Indices of the images that decoded; raises (report written) with ``strict`` or when none did."""
+    if bad and strict:
+        where = _write_failure_report(out, had_dataset, report)
+        shown = "; ".join(f"{i}: {e}" for i, e in bad[:5])
+        raise DatasetError(
+            f"{len(bad)} images are missing or undecodable (--strict), e.g. {shown}; the full list is in {where}. "
+            "Fix or remove them, or build without --strict to leave them out"
+        )
+    good = [i for i, (_, err, _, _) in enumerate(results) if err is None]
+    if not good:
+        where = _write_failure_report(out, had_dataset, report)
+        raise DatasetError(f"none of the {len(results)} images could be read; nothing to build (see {where})")
+    return good
+
+
+def _identical_images(records: Records, results: list[tuple], good: list[int]) -> Finding:
+    """Images whose file has the same bytes as an earlier one, as ``copy = first`` examples."""
+    identical = Finding()
+    first_of: dict[str, int] = {}
+    for i in good:
+        digest = results[i][3]
+        if digest in first_of:
+            identical.add(f"{records.identifiers[i]} = {records.identifiers[first_of[digest]]}")
+        else:
+            first_of[digest] = i
+    return identical
+
+
+def _stage_images(
+    stage: Path,
+    out: Path,
+    kept: Records,
+    data: Iterable[bytes],
+    *,
+    hybrid: bool,
+    max_side: int | None,
+    root: str,
+) -> str:
+    """Write the kept images into ``stage``; where the dataset's images will be (``root``: left in place)."""
+    if hybrid and max_side is not None:
+        for identifier, image in zip(kept.identifiers, data):
+            target = stage / "images" / identifier
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(image)
+        return str(out / "images")
+    if not hybrid:
+        write_images_h5(stage / "images.h5", kept.identifiers, data)
+        return str(out / "images.h5")
+    return root
+
+
 def build(
     records: Records,
     out: Path,
@@ -246,62 +331,23 @@ def build(
 ) -> dict:
     """Check the labels, decode every image, and write the dataset into ``out`` (replaced whole)."""
     out = out.expanduser().absolute()
-    inputs = [Path(source["root"])] + ([Path(source["file"])] if "file" in source else [])
-    had_dataset = check_output(
-        out,
-        force=force,
-        sources=inputs,
-        scan_root=Path(source["root"]) if source["mode"] == "folder" else None,
-    )
-    remove_stale_staging(out)
+    had_dataset = _prepare_output(out, source, force)
     findings = records.findings
     report: dict = {"source": source, "rows_found": len(records.paths) + _count(findings.dropped)}
-    try:
-        keep = check_labels(records, on_conflict)
-    except DatasetError:
-        _write_failure_report(
-            out,
-            had_dataset,
-            {**report, **findings.to_dict(), "taxonomy_conflicts": findings.taxonomy_conflicts},
-        )
-        raise
-    records = records.subset(keep)
+    records = _checked_records(records, on_conflict, out, had_dataset, report)
 
     results = check_images(records, max_side, workers)
     bad = [(ident, err) for ident, (_, err, _, _) in zip(records.identifiers, results) if err]
     report.update(findings.to_dict(), taxonomy_conflicts=findings.taxonomy_conflicts, bad_images=dict(bad))
-    if bad and strict:
-        where = _write_failure_report(out, had_dataset, report)
-        shown = "; ".join(f"{i}: {e}" for i, e in bad[:5])
-        raise DatasetError(
-            f"{len(bad)} images are missing or undecodable (--strict), e.g. {shown}; the full list is in {where}. "
-            "Fix or remove them, or build without --strict to leave them out"
-        )
-    good = [i for i, (_, err, _, _) in enumerate(results) if err is None]
-    if not good:
-        where = _write_failure_report(out, had_dataset, report)
-        raise DatasetError(f"none of the {len(results)} images could be read; nothing to build (see {where})")
-    identical = Finding()
-    first_of: dict[str, int] = {}
-    for i in good:
-        digest = results[i][3]
-        if digest in first_of:
-            identical.add(f"{records.identifiers[i]} = {records.identifiers[first_of[digest]]}")
-        else:
-            first_of[digest] = i
+    good = _readable_images(results, bad, strict, out, had_dataset, report)
+    identical = _identical_images(records, results, good)
     kept = records.subset(good)
     taxa, taxonomy = taxa_and_taxonomy(kept, keyed_by_path=source["mode"] == "folder")
-    images_at = str(source["root"])
     with staged_output(out) as stage:
-        if hybrid and max_side is not None:
-            for i in good:
-                target = stage / "images" / records.identifiers[i]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(results[i][0])
-            images_at = str(out / "images")
-        elif not hybrid:
-            write_images_h5(stage / "images.h5", kept.identifiers, (results[i][0] for i in good))
-            images_at = str(out / "images.h5")
+        data = (results[i][0] for i in good)
+        images_at = _stage_images(
+            stage, out, kept, data, hybrid=hybrid, max_side=max_side, root=str(source["root"])
+        )
         config = {**source, "hybrid": hybrid, "max_side": max_side, "images": images_at}
         coverage = write_labels_h5(
             stage / "labels.h5", kept.identifiers, taxa, taxonomy=taxonomy, raw=kept.raw, config=config
@@ -365,7 +411,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"error: {message} (see {self.prog} --help)\n")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _build_parser() -> _Parser:
+    """The command line: a ``folder`` and a ``csv`` mode sharing the output and build options."""
     parser = _Parser(
         prog="python -m linnaeus.data.build",
         description="Build labels.h5 (+ images.h5) from a folder tree or a CSV file.",
@@ -404,16 +451,44 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--levels", help="taxon level per rank, coarse to fine (default ends at 10 = species)")
         p.add_argument("--workers", type=int, default=2, help="processes decoding images (default 2)")
         p.add_argument("--strict", action="store_true", help="fail on any missing or undecodable image")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _scan(args: argparse.Namespace) -> tuple[Records, dict]:
+    """The records of the folder or CSV named on the command line, and the source entry of the report."""
+    if args.mode == "folder":
+        records = scan_folder(args.root, args.levels)
+        source = {"mode": "folder", "root": str(args.root.resolve())}
+    else:
+        records = scan_csv(args.file, args.image_root, args.ranks, args.levels, args.image_column)
+        source = {"mode": "csv", "file": str(args.file.resolve()), "root": str(args.image_root.resolve())}
+    return records, source
+
+
+def _log_written(out: Path, report: dict) -> None:
+    """The closing lines: what was written, and the command to train on it."""
+    bad = len(report["bad_images"])
+    log.info(
+        "wrote %s: %d rows, classes per rank %s%s",
+        out,
+        report["rows_written"],
+        report["ranks"],
+        f", {bad} bad images left out (see build_report.json)" if bad else "",
+    )
+    log.info(
+        "train with: python train.py data=h5 data.labels=%s data.images=%s",
+        report["labels"],
+        report["images"],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build a dataset from the command line; the exit status (1 on any error, 130 on Ctrl-C)."""
+    args = _build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         check_arguments(args)
-        if args.mode == "folder":
-            records = scan_folder(args.root, args.levels)
-            source = {"mode": "folder", "root": str(args.root.resolve())}
-        else:
-            records = scan_csv(args.file, args.image_root, args.ranks, args.levels, args.image_column)
-            source = {"mode": "csv", "file": str(args.file.resolve()), "root": str(args.image_root.resolve())}
+        records, source = _scan(args)
         report = build(
             records,
             args.out,
@@ -432,19 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: interrupted; {args.out} was not changed", file=sys.stderr)
         return 130
     summarise(report, records.findings)
-    bad = len(report["bad_images"])
-    log.info(
-        "wrote %s: %d rows, classes per rank %s%s",
-        args.out,
-        report["rows_written"],
-        report["ranks"],
-        f", {bad} bad images left out (see build_report.json)" if bad else "",
-    )
-    log.info(
-        "train with: python train.py data=h5 data.labels=%s data.images=%s",
-        report["labels"],
-        report["images"],
-    )
+    _log_written(args.out, report)
     return 0
 
 

@@ -69,6 +69,98 @@ class _Worker:
     last_progress: float = 0.0
 
 
+class _Pool:
+    """Child processes working through a queue of chunks of item indices, one chunk per child at a time."""
+
+    def __init__(
+        self, fn: Callable[[Any], Any], items: Sequence[Any], *, chunk_size: int, quiet: bool
+    ) -> None:
+        methods = mp.get_all_start_methods()
+        self.ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+        self.fn, self.items, self.quiet = fn, items, quiet
+        self.queue: deque[list[int]] = deque(
+            list(range(i, min(i + chunk_size, len(items)))) for i in range(0, len(items), chunk_size)
+        )
+        self.workers: list[_Worker] = []
+
+    def is_busy(self) -> bool:
+        """Whether any child still has a chunk in flight."""
+        return any(w.chunk is not None for w in self.workers)
+
+    def fill(self, size: int) -> None:
+        """Start children up to ``size`` while work is left, then give every idle child a chunk."""
+        while self.queue and len(self.workers) < size:
+            self.workers.append(self._start())
+        for worker in self.workers:
+            if worker.chunk is None and self.queue:
+                self._dispatch(worker)
+
+    def _start(self) -> _Worker:
+        """Start one child process connected to the parent by a pipe."""
+        parent_conn, child_conn = self.ctx.Pipe()
+        process = self.ctx.Process(target=_child, args=(self.fn, child_conn, self.quiet), daemon=True)
+        process.start()
+        child_conn.close()
+        return _Worker(process, parent_conn)
+
+    def _dispatch(self, worker: _Worker) -> None:
+        """Send the next chunk in the queue to ``worker``."""
+        worker.chunk, worker.done = self.queue.popleft(), 0
+        worker.last_progress = time.monotonic()
+        worker.conn.send([self.items[i] for i in worker.chunk])
+
+    def collect(self, timeout: float, what: str) -> Iterator[tuple[int, Any]]:
+        """Yield the results that arrive within one wait, and a ``Crashed`` for every child lost meanwhile."""
+        busy = [w for w in self.workers if w.chunk is not None]
+        ready = wait([w.conn for w in busy], timeout=min(5.0, timeout))
+        now = time.monotonic()
+        for worker in busy:
+            if worker.conn in ready:
+                try:
+                    result = worker.conn.recv()
+                except (EOFError, OSError):
+                    worker.process.join(timeout=5)
+                    yield self._lose(worker, f"{what} crashed ({_signal_name(worker.process.exitcode)})")
+                    continue
+                yield worker.chunk[worker.done], result
+                worker.done += 1
+                worker.last_progress = now
+                if worker.done == len(worker.chunk):
+                    worker.chunk = None
+            elif now - worker.last_progress > timeout:
+                yield self._lose(worker, f"{what} made no progress for {timeout:.0f} s (killed)")
+
+    def _lose(self, worker: _Worker, reason: str) -> tuple[int, Crashed]:
+        """The worker died or hung on its current item: blame it, requeue the rest, close the worker."""
+        culprit = worker.chunk[worker.done]
+        rest = worker.chunk[worker.done + 1 :]
+        if rest:
+            self.queue.appendleft(rest)
+        worker.conn.close()
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join()
+        self.workers.remove(worker)
+        return culprit, Crashed(reason)
+
+    def close(self, finished: bool) -> None:
+        """Stop every child: politely after a finished run, by killing it otherwise."""
+        for worker in self.workers:
+            if finished:
+                try:
+                    worker.conn.send(None)
+                except OSError:
+                    pass
+            else:
+                worker.process.kill()
+            worker.conn.close()
+        for worker in self.workers:
+            worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+
+
 def isolated_map(
     fn: Callable[[Any], Any],
     items: Sequence[Any],
@@ -86,81 +178,13 @@ def isolated_map(
     """
     if not items:
         return
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    queue: deque[list[int]] = deque(
-        list(range(i, min(i + chunk_size, len(items)))) for i in range(0, len(items), chunk_size)
-    )
-    pool: list[_Worker] = []
-
-    def start() -> _Worker:
-        parent_conn, child_conn = ctx.Pipe()
-        process = ctx.Process(target=_child, args=(fn, child_conn, quiet), daemon=True)
-        process.start()
-        child_conn.close()
-        return _Worker(process, parent_conn)
-
-    def dispatch(worker: _Worker) -> None:
-        worker.chunk, worker.done = queue.popleft(), 0
-        worker.last_progress = time.monotonic()
-        worker.conn.send([items[i] for i in worker.chunk])
-
-    def lost(worker: _Worker, reason: str) -> tuple[int, Crashed]:
-        """The worker died or hung on its current item: blame it, requeue the rest, close the worker."""
-        culprit = worker.chunk[worker.done]
-        rest = worker.chunk[worker.done + 1 :]
-        if rest:
-            queue.appendleft(rest)
-        worker.conn.close()
-        if worker.process.is_alive():
-            worker.process.kill()
-        worker.process.join()
-        pool.remove(worker)
-        return culprit, Crashed(reason)
-
+    pool = _Pool(fn, items, chunk_size=chunk_size, quiet=quiet)
     finished = False
     try:
-        for _ in range(max(1, min(workers, len(queue)))):
-            pool.append(start())
-        for worker in pool:
-            dispatch(worker)
-        while any(w.chunk is not None for w in pool):
-            busy = [w for w in pool if w.chunk is not None]
-            ready = wait([w.conn for w in busy], timeout=min(5.0, timeout))
-            now = time.monotonic()
-            for worker in busy:
-                if worker.conn in ready:
-                    try:
-                        result = worker.conn.recv()
-                    except (EOFError, OSError):
-                        worker.process.join(timeout=5)
-                        yield lost(worker, f"{what} crashed ({_signal_name(worker.process.exitcode)})")
-                        continue
-                    yield worker.chunk[worker.done], result
-                    worker.done += 1
-                    worker.last_progress = now
-                    if worker.done == len(worker.chunk):
-                        worker.chunk = None
-                elif now - worker.last_progress > timeout:
-                    yield lost(worker, f"{what} made no progress for {timeout:.0f} s (killed)")
-            while queue and len(pool) < max(1, workers):  # replace lost workers while work is left
-                pool.append(start())
-            for worker in pool:
-                if worker.chunk is None and queue:
-                    dispatch(worker)
+        pool.fill(max(1, min(workers, len(pool.queue))))
+        while pool.is_busy():
+            yield from pool.collect(timeout, what)
+            pool.fill(max(1, workers))  # replace lost workers while work is left
         finished = True
     finally:  # also on Ctrl-C or when the caller stops early: no child outlives the call
-        for worker in pool:
-            if finished:
-                try:
-                    worker.conn.send(None)
-                except OSError:
-                    pass
-            else:
-                worker.process.kill()
-            worker.conn.close()
-        for worker in pool:
-            worker.process.join(timeout=5)
-            if worker.process.is_alive():
-                worker.process.kill()
-                worker.process.join()
+        pool.close(finished)

@@ -229,18 +229,8 @@ def _parents_from_rows(table: LabelTable, conflicts: list[Conflict]) -> list[dic
     return maps
 
 
-def build_taxonomy(table: LabelTable, on_conflict: str = "error") -> tuple[Taxonomy, LabelTable, dict]:
-    """Derive the label space and tree from a label table, repairing or rejecting inconsistent rows.
-
-    Rows with a known taxon under an unknown parent get the parent filled in when the tree knows
-    it. Rows that contradict the tree (two parents, a parent absent from the taxonomy group, an
-    unknown parent that cannot be filled in) are conflicts: ``on_conflict="error"`` raises a
-    ``DatasetError`` listing them, ``"drop"`` removes those rows.
-
-    Returns the taxonomy, the (possibly repaired and filtered) table, and a report dict.
-    """
-    if on_conflict not in ("error", "drop"):
-        raise ValueError(f"data.on_conflict must be 'error' or 'drop', got {on_conflict!r}")
+def _reject_empty_ranks(table: LabelTable) -> None:
+    """Raise if a rank has no known label in any row: no classifier can learn it."""
     empty = [key for t, key in enumerate(table.task_keys) if not (table.taxa[:, t] > 0).any()]
     if empty:
         others = [key for key in table.task_keys if key not in empty]
@@ -249,25 +239,31 @@ def build_taxonomy(table: LabelTable, on_conflict: str = "error") -> tuple[Taxon
             f"{table.path}: rank(s) {', '.join(empty)} have no known label in any row (every id is 0, unknown); "
             f"a classifier cannot learn them: {fix}"
         )
-    conflicts: list[Conflict] = []
-    if table.taxonomy is not None:
-        parent_maps = _parents_from_taxonomy_group(table, conflicts)
-        for t in range(1, len(parent_maps)):
-            child, parent = table.taxa[:, t], table.taxa[:, t - 1]
-            expected = np.array([parent_maps[t].get(c, -1) for c in child.tolist()], dtype=np.int64)
-            wrong = (child > 0) & (parent > 0) & (expected > 0) & (parent != expected)
-            for c in np.unique(child[wrong]).tolist():
-                rows = np.flatnonzero(wrong & (child == c))
-                conflicts.append(
-                    Conflict(
-                        f"taxon {c} ({table.task_keys[t]}) is listed under {sorted(set(parent[rows].tolist()))} "
-                        f"in the rows but under {parent_maps[t][c]} in the taxonomy group",
-                        rows,
-                    )
-                )
-    else:
-        parent_maps = _parents_from_rows(table, conflicts)
 
+
+def _check_rows_against_taxonomy_group(
+    table: LabelTable, parent_maps: list[dict[int, int]], conflicts: list[Conflict]
+) -> None:
+    """Add a conflict for every taxon whose rows name a different parent than the taxonomy group."""
+    for t in range(1, len(parent_maps)):
+        child, parent = table.taxa[:, t], table.taxa[:, t - 1]
+        expected = np.array([parent_maps[t].get(c, -1) for c in child.tolist()], dtype=np.int64)
+        wrong = (child > 0) & (parent > 0) & (expected > 0) & (parent != expected)
+        for c in np.unique(child[wrong]).tolist():
+            rows = np.flatnonzero(wrong & (child == c))
+            conflicts.append(
+                Conflict(
+                    f"taxon {c} ({table.task_keys[t]}) is listed under {sorted(set(parent[rows].tolist()))} "
+                    f"in the rows but under {parent_maps[t][c]} in the taxonomy group",
+                    rows,
+                )
+            )
+
+
+def _fill_unknown_parents(
+    table: LabelTable, parent_maps: list[dict[int, int]], conflicts: list[Conflict]
+) -> tuple[np.ndarray, int]:
+    """The taxa with unknown parents filled in from the tree, and how many; one it cannot fill is a conflict."""
     taxa = table.taxa.copy()
     filled = 0
     for t in range(taxa.shape[1] - 1, 0, -1):  # fine -> coarse, so a filled parent can fill its own parent
@@ -287,22 +283,25 @@ def build_taxonomy(table: LabelTable, on_conflict: str = "error") -> tuple[Taxon
                     rows,
                 )
             )
+    return taxa, filled
 
-    bad_rows = np.unique(np.concatenate([c.rows for c in conflicts])) if conflicts else np.empty(0, np.int64)
-    if conflicts and on_conflict == "error":
-        shown = "\n".join(
-            f"  - {c.message}; rows e.g. {table.identifiers[c.rows[:3]].tolist()}" for c in conflicts[:10]
-        )
-        more = f"\n  ... and {len(conflicts) - 10} more" if len(conflicts) > 10 else ""
-        raise DatasetError(
-            f"{table.path}: {len(conflicts)} taxonomy conflict(s) in {len(bad_rows)} row(s):\n{shown}{more}\n"
-            f"Fix the labels, or set data.on_conflict=drop to train without these {len(bad_rows)} rows."
-        )
-    keep = np.ones(len(table), dtype=bool)
-    keep[bad_rows] = False
-    table = table.subset(keep)
-    table.taxa = taxa[keep]
 
+def _conflicts_error(table: LabelTable, conflicts: list[Conflict], bad_rows: np.ndarray) -> DatasetError:
+    """The error listing the first conflicts, with example rows, and how to train anyway."""
+    shown = "\n".join(
+        f"  - {c.message}; rows e.g. {table.identifiers[c.rows[:3]].tolist()}" for c in conflicts[:10]
+    )
+    more = f"\n  ... and {len(conflicts) - 10} more" if len(conflicts) > 10 else ""
+    return DatasetError(
+        f"{table.path}: {len(conflicts)} taxonomy conflict(s) in {len(bad_rows)} row(s):\n{shown}{more}\n"
+        f"Fix the labels, or set data.on_conflict=drop to train without these {len(bad_rows)} rows."
+    )
+
+
+def _label_space(
+    table: LabelTable, parent_maps: list[dict[int, int]]
+) -> tuple[list[np.ndarray], list[list[str]], list[np.ndarray | None]]:
+    """Per task: the class taxon ids (null first), their names, and each class's parent index."""
     names_of = {}
     if table.taxonomy is not None:
         names_of = dict(zip(table.taxonomy["taxon_id"].tolist(), table.taxonomy["name"].tolist()))
@@ -319,6 +318,39 @@ def build_taxonomy(table: LabelTable, on_conflict: str = "error") -> tuple[Taxon
         for i, c in enumerate(ids[1:].tolist(), start=1):
             parent[i] = coarse_index[parent_maps[t][c]] if c in parent_maps[t] else NULL_INDEX
         parents.append(parent)
+    return class_ids, names, parents
+
+
+def build_taxonomy(table: LabelTable, on_conflict: str = "error") -> tuple[Taxonomy, LabelTable, dict]:
+    """Derive the label space and tree from a label table, repairing or rejecting inconsistent rows.
+
+    Rows with a known taxon under an unknown parent get the parent filled in when the tree knows
+    it. Rows that contradict the tree (two parents, a parent absent from the taxonomy group, an
+    unknown parent that cannot be filled in) are conflicts: ``on_conflict="error"`` raises a
+    ``DatasetError`` listing them, ``"drop"`` removes those rows.
+
+    Returns the taxonomy, the (possibly repaired and filtered) table, and a report dict.
+    """
+    if on_conflict not in ("error", "drop"):
+        raise ValueError(f"data.on_conflict must be 'error' or 'drop', got {on_conflict!r}")
+    _reject_empty_ranks(table)
+    conflicts: list[Conflict] = []
+    if table.taxonomy is not None:
+        parent_maps = _parents_from_taxonomy_group(table, conflicts)
+        _check_rows_against_taxonomy_group(table, parent_maps, conflicts)
+    else:
+        parent_maps = _parents_from_rows(table, conflicts)
+    taxa, filled = _fill_unknown_parents(table, parent_maps, conflicts)
+
+    bad_rows = np.unique(np.concatenate([c.rows for c in conflicts])) if conflicts else np.empty(0, np.int64)
+    if conflicts and on_conflict == "error":
+        raise _conflicts_error(table, conflicts, bad_rows)
+    keep = np.ones(len(table), dtype=bool)
+    keep[bad_rows] = False
+    table = table.subset(keep)
+    table.taxa = taxa[keep]
+
+    class_ids, names, parents = _label_space(table, parent_maps)
     report = {
         "rows": int(len(keep)),
         "dropped_rows": int((~keep).sum()),
