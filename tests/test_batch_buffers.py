@@ -239,3 +239,49 @@ def test_small_tensors_travel_inside_the_message():
     assert travelling(targets) is targets  # in the main process nothing travels
     back = pickle.loads(pickle.dumps(Inline(targets)))
     assert isinstance(back, torch.Tensor) and torch.equal(back, targets) and back.dtype == torch.int64
+
+
+def test_a_batch_that_fails_in_a_worker_frees_its_slot(dataset):  # noqa: F811
+    """A bad image fails its batch in the worker after the slot was taken: the slot is free again,
+    and the batches after it (the first ones of a slot whose memory never left included) still come
+    through the slots intact."""
+    from linnaeus.data.images import BadImageError
+
+    _, reference = data_for(dataset, "augmentation=default", batch_size=3)
+    _, data = data_for(dataset, "augmentation=default", "data.prefetch_factor=1", workers=2, batch_size=3)
+    ds = data.train_loader.dataset
+    ds.buffers = BatchBuffers(workers=2, slots=2)
+    reference.train_batches.set_epoch(0)
+    data.train_batches.set_epoch(0)
+    batches = [(b["images"].clone(), b["index"].clone()) for b in reference.train_loader]
+    expected = [images for images, _ in batches]
+    bad = int(batches[0][1][1])  # the second image of the first batch
+    read = ds._read
+
+    def failing(index: int) -> torch.Tensor:
+        if index == bad:
+            raise BadImageError("damaged on purpose")
+        return read(index)
+
+    ds._read = failing  # the workers fork with it
+    it = iter(data.train_loader)
+    with pytest.raises(BadImageError, match="damaged on purpose"):
+        next(it)
+    rest = [batch["images"].clone() for batch in it]
+    assert len(rest) == len(expected) - 1
+    for want, got in zip(expected[1:], rest, strict=True):
+        assert torch.equal(got, want)
+    del it
+    gc.collect()
+    assert ds.buffers.busy.sum() == 0
+
+
+def test_a_lease_from_an_unknown_pool_brings_its_memory_in_its_layout():
+    from linnaeus.data.buffers import _watch
+
+    memory = torch.arange(2 * 4 * 5 * 3, dtype=torch.uint8).view(2, 4, 5, 3)  # (B, H, W, C)
+    batch = _watch(-1, 0, (1, 1), 1, memory, True)
+    assert batch.shape == (1, 3, 4, 5) and torch.equal(batch, memory[:1].permute(0, 3, 1, 2))
+    assert batch.data_ptr() != memory.data_ptr()  # a copy: nobody here watches that pool's slots
+    with pytest.raises(RuntimeError, match="unknown buffer pool arrived without memory"):
+        _watch(-1, 0, (1, 1), 1, None, True)

@@ -52,19 +52,32 @@ class Lease:
     """Rows ``[:count]`` of slot ``slot`` of pool ``pool`` hold the batch: what a worker sends instead
     of the images tensor. Unpickled (in the main process) it is a tensor over the slot again, watched
     until nobody holds it. ``memory`` (the slot's whole buffer) travels only with a slot's first lease
-    after (re)allocation, ``token`` tells the allocations apart."""
+    after (re)allocation, ``token`` tells the allocations apart; ``permuted``: the memory is
+    (B, H, W, C), the batch its (B, C, H, W) view."""
 
     def __init__(
-        self, pool: int, slot: int, token: tuple[int, int], count: int, memory: torch.Tensor | None
+        self,
+        pool: int,
+        slot: int,
+        token: tuple[int, int],
+        count: int,
+        memory: torch.Tensor | None,
+        permuted: bool = False,
     ) -> None:
-        self.pool, self.slot, self.token, self.count, self.memory = pool, slot, token, count, memory
+        self.pool, self.slot, self.token, self.count = pool, slot, token, count
+        self.memory, self.permuted = memory, permuted
 
     def __reduce__(self):
-        return _watch, (self.pool, self.slot, self.token, self.count, self.memory)
+        return _watch, (self.pool, self.slot, self.token, self.count, self.memory, self.permuted)
 
 
 def _watch(
-    pool: int, slot: int, token: tuple[int, int], count: int, memory: torch.Tensor | None
+    pool: int,
+    slot: int,
+    token: tuple[int, int],
+    count: int,
+    memory: torch.Tensor | None,
+    permuted: bool = False,
 ) -> torch.Tensor:
     """The batch tensor of a lease, in the main process: rows ``[:count]`` of the slot's memory, in a
     storage of its own whose end releases the slot."""
@@ -74,7 +87,8 @@ def _watch(
             raise RuntimeError(
                 f"a batch lease for slot {slot} of an unknown buffer pool arrived without memory"
             )
-        return memory[:count].clone()
+        rows = memory[:count].clone()
+        return rows.permute(0, 3, 1, 2) if permuted else rows
     if memory is not None:
         buffers.mapped[slot] = (token, memory)
     known = buffers.mapped.get(slot)
@@ -84,7 +98,7 @@ def _watch(
     # a new storage over the same memory (NumPy keeps ``base`` alive), so the batch's lifetime is its own
     rows = torch.from_numpy(base.numpy()[:count])
     weakref.finalize(rows.untyped_storage(), buffers.release, slot)
-    return rows.permute(0, 3, 1, 2) if buffers.channels_last and rows.dim() == 4 else rows
+    return rows.permute(0, 3, 1, 2) if permuted else rows
 
 
 class Inline:
@@ -187,9 +201,10 @@ class BatchBuffers:
                 self.busy[slot] = 1
                 first = slot not in self.sent
                 self.sent.add(slot)
-                lease = Lease(self.id, slot, token, shape[0], memory if first else None)
+                permuted = self._permuted(shape)
+                lease = Lease(self.id, slot, token, shape[0], memory if first else None, permuted)
                 rows = memory[: shape[0]]
-                return (rows.permute(0, 3, 1, 2) if self._permuted(shape) else rows), lease
+                return (rows.permute(0, 3, 1, 2) if permuted else rows), lease
         return self.empty(shape, dtype, shared=True), None
 
     def fill(self, images: Iterator[torch.Tensor], count: int) -> torch.Tensor | Lease:
@@ -197,14 +212,21 @@ class BatchBuffers:
         tensor, or in a worker the lease that becomes the tensor in the main process."""
         first = next(images)
         out, lease = self.take((count, *first.shape), first.dtype)
-        out[0].copy_(first)
-        for i, image in enumerate(images, 1):
-            if image.shape != first.shape:
-                raise ValueError(
-                    f"the images of one batch must have one size; image {i} is {tuple(image.shape)}, image 0 "
-                    f"{tuple(first.shape)}"
-                )
-            out[i].copy_(image)
+        try:
+            out[0].copy_(first)
+            for i, image in enumerate(images, 1):
+                if image.shape != first.shape:
+                    raise ValueError(
+                        f"the images of one batch must have one size; image {i} is {tuple(image.shape)}, "
+                        f"image 0 {tuple(first.shape)}"
+                    )
+                out[i].copy_(image)
+        except BaseException:  # e.g. a bad image: the batch never leaves, so its slot is free again
+            if lease is not None:
+                if lease.memory is not None:
+                    self.sent.discard(lease.slot)
+                self.release(lease.slot)
+            raise
         return out if lease is None else lease
 
     def release(self, slot: int) -> None:
