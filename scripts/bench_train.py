@@ -4,6 +4,10 @@
 
 Times forward, backward and an AdamW step over ``--steps`` steps after ``--warmup`` untimed ones, on
 the given device (default: cuda when present), and prints images/s (and peak GPU memory on CUDA).
+``--mfu`` also counts one step's FLOPs (torch's FlopCounterMode: matrix products, convolutions and
+attention, forward and backward) and reports GFLOPs per image, achieved TFLOP/s and the model FLOPs
+utilisation against the device's dense bf16/fp16 peak (``--peak-tflops``, default a data-sheet value
+for known GPUs).
 Four ranks of 10/50/200/1000 classes and three metadata components, as on a mid-sized real dataset.
 
     python scripts/bench_train.py --compare-bare                 # mformer_xs and timm resnet18, demo data
@@ -60,6 +64,30 @@ REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = [11, 51, 201, 1001]  # including the null class of each rank
 META_DIMS = {"spatial": 3, "temporal": 2, "elevation_main": 6}
 DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# dense bf16/fp16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, for --mfu
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 125.0}
+
+
+def peak_tflops(device: torch.device, precision: str, given: float | None) -> float | None:
+    """The device's peak for ``precision``: ``given``, else the data-sheet value for a known GPU at
+    bf16/fp16; None when unknown (the achieved TFLOP/s are still reported)."""
+    if given is not None:
+        return given
+    if device.type != "cuda" or precision == "32":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def step_flops(step) -> int:
+    """FLOPs of one call of ``step`` (forward and backward; matrix products and convolutions, as
+    torch's FlopCounterMode counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
 
 
 def synchronize(device: torch.device) -> None:
@@ -447,6 +475,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument(
+        "--mfu",
+        action="store_true",
+        help="count one step's FLOPs (FlopCounterMode) and report achieved TFLOP/s and model FLOPs utilisation",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="--mfu: the device's peak (default: data sheet, known GPUs)",
+    )
     parser.add_argument("--compare-bare", action="store_true", help="our trainer vs a plain PyTorch loop")
     parser.add_argument(
         "--bare-models",
@@ -523,6 +562,7 @@ def main() -> None:
 
     for _ in range(args.warmup):
         step()
+    flops = step_flops(step) if args.mfu else None
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -544,6 +584,15 @@ def main() -> None:
     }
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    if flops is not None:
+        achieved = flops * args.steps / elapsed / 1e12
+        peak = peak_tflops(device, args.precision, args.peak_tflops)
+        result.update(
+            gflops_per_image=round(flops / b / 1e9, 2),
+            achieved_tflops=round(achieved, 2),
+            peak_tflops=peak,
+            mfu=round(achieved / peak, 4) if peak else None,
+        )
     print(json.dumps(result))
 
 
