@@ -25,7 +25,9 @@ def test_the_gpu_script_rehearses_every_step_on_the_cpu(tmp_path):
     assert synthetic["images_per_s"] > 0 and synthetic["gflops_per_image"] > 0
     assert synthetic["achieved_tflops"] > 0 and synthetic["mfu"] is None  # no peak known for a CPU
     cpu = results["trainer"]["CPU decode"]
-    assert cpu["exit"] == 0 and cpu["images_per_s"] > 0 and len(cpu["images_per_s_rows"]) == 2  # 10 steps, every 5
+    assert (
+        cpu["exit"] == 0 and cpu["images_per_s"] > 0 and len(cpu["images_per_s_rows"]) == 2
+    )  # 10 steps, every 5
     assert results["trainer"]["GPU decode (nvJPEG), augmentation on the GPU"] == {"skipped": "needs CUDA"}
     assert results["auto_batch"] == {"skipped": "needs CUDA"}
     table = (tmp_path / "gpu_results.md").read_text()
