@@ -33,6 +33,7 @@ import os
 import sys
 import weakref
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import get_worker_info
@@ -48,27 +49,22 @@ def _storage_uses(tensor: torch.Tensor) -> int:
     return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
 
 
-class Lease:
+class Lease(NamedTuple):
     """Rows ``[:count]`` of slot ``slot`` of pool ``pool`` hold the batch: what a worker sends instead
     of the images tensor. Unpickled (in the main process) it is a tensor over the slot again, watched
     until nobody holds it. ``memory`` (the slot's whole buffer) travels only with a slot's first lease
     after (re)allocation, ``token`` tells the allocations apart; ``permuted``: the memory is
     (B, H, W, C), the batch its (B, C, H, W) view."""
 
-    def __init__(
-        self,
-        pool: int,
-        slot: int,
-        token: tuple[int, int],
-        count: int,
-        memory: torch.Tensor | None,
-        permuted: bool = False,
-    ) -> None:
-        self.pool, self.slot, self.token, self.count = pool, slot, token, count
-        self.memory, self.permuted = memory, permuted
+    pool: int
+    slot: int
+    token: tuple[int, int]
+    count: int
+    memory: torch.Tensor | None
+    permuted: bool = False
 
     def __reduce__(self):
-        return _watch, (self.pool, self.slot, self.token, self.count, self.memory, self.permuted)
+        return _watch, tuple(self)
 
 
 def _watch(
