@@ -287,8 +287,9 @@ def build_step_parts(
     return loss_fn, shared_params, transform
 
 
-def build_run(cfg: DictConfig, run_dir: Path) -> Run:
-    """Setup, in order: process group, resume point, data, model, optimizers, loss, EMA, logger."""
+def start_process(cfg: DictConfig, run_dir: Path) -> tuple[StopSignals, DistInfo, object]:
+    """The config checked, the run directory, stop handlers, the process group and its control group,
+    and the log level of this rank."""
     check_config(cfg)  # every check that needs no data, before anything starts
     run_dir.mkdir(parents=True, exist_ok=True)
     signals = StopSignals().install()  # before any loader worker is forked: workers inherit handlers
@@ -299,11 +300,13 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
     level = cfg.log_level if dist_info.is_main else "WARNING"
     logging.getLogger().setLevel(level)
     log.setLevel(level)
-    resumed = find_resume(cfg, run_dir)
-    if cfg.data.batch_size == "auto":
-        resolve_auto_batch(cfg, resumed, dist_info, control)
-    if resumed is not None:  # refuses unsafe changes, logs the safe ones
-        check_resume(resumed[0]["config"], OmegaConf.to_container(cfg, resolve=True), where=str(run_dir))
+    return signals, dist_info, control
+
+
+def build_run_data(
+    cfg: DictConfig, run_dir: Path, dist_info: DistInfo, resumed: tuple[dict, Path] | None
+) -> DataBundle:
+    """The run's data, seeded; a resumed run's label space must be the one built now (rank 0 saves it)."""
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -318,15 +321,26 @@ def build_run(cfg: DictConfig, run_dir: Path) -> Run:
         pin_memory=device.type == "cuda",
         channels_last=device.type == "cuda",  # the device transposes in no time; the loader would not
     )
-    taxonomy = data.taxonomy
-    if resumed is not None and Taxonomy.from_dict(resumed[0]["taxonomy"]) != taxonomy:
+    if resumed is not None and Taxonomy.from_dict(resumed[0]["taxonomy"]) != data.taxonomy:
         raise CheckpointError(
             f"the label space of {resumed[1]} differs from the one built from the data now; the dataset "
             "changed since this run started. Start a new run (another name= or output directory)."
         )
     if dist_info.is_main:
-        taxonomy.save(run_dir / "taxonomy.json")
+        data.taxonomy.save(run_dir / "taxonomy.json")
+    return data
 
+
+def build_run(cfg: DictConfig, run_dir: Path) -> Run:
+    """Setup, in order: process group, resume point, data, model, optimizers, loss, EMA, logger."""
+    signals, dist_info, control = start_process(cfg, run_dir)
+    resumed = find_resume(cfg, run_dir)
+    if cfg.data.batch_size == "auto":
+        resolve_auto_batch(cfg, resumed, dist_info, control)
+    if resumed is not None:  # refuses unsafe changes, logs the safe ones
+        check_resume(resumed[0]["config"], OmegaConf.to_container(cfg, resolve=True), where=str(run_dir))
+    data = build_run_data(cfg, run_dir, dist_info, resumed)
+    taxonomy, device = data.taxonomy, dist_info.device
     raw_model = build_model_for(cfg, data, device, fresh=resumed is None)
     optimizer = build_optimizers(cfg, raw_model, dist_info.world_size)
     autocast, scaler = build_precision(cfg.train.precision, device)

@@ -218,6 +218,27 @@ def make_loader(dataset: TaxonDataset, batches, data_cfg, pin_memory: bool) -> D
     )
 
 
+def split_stores(data_cfg, aug_cfg, store, table, image_rows: np.ndarray, split, world_size: int, local_rank):
+    """(training store, validation store, validation load transform): each split decodes a JPEG at the
+    DCT scale that still covers its first resize or crop, or reads the RAM cache (``data.cache=ram``)."""
+    train_idx, val_idx = split
+    size = data_cfg.image_size
+    load_size, eval_resize = load_size_for(aug_cfg, size), eval_resize_for(size, data_cfg.val_crop_pct)
+    if data_cfg.cache != "ram":
+        train_store = store.with_min_side(train_min_side(aug_cfg, size))
+        return (
+            train_store,
+            store.with_min_side(eval_resize),
+            build_eval_load_transform(size, data_cfg.val_crop_pct),
+        )
+    parts = [
+        CachePart(image_rows[train_idx], table.identifiers[train_idx], load_size, load_size),
+        CachePart(image_rows[val_idx], table.identifiers[val_idx], eval_resize, size),
+    ]
+    train_store, val_store = ram_cache_stores(data_cfg, store, parts, world_size, local_rank)
+    return train_store, val_store, v2.Identity()  # cached exactly as validation crops them
+
+
 def build_data(
     data_cfg,
     aug_cfg,
@@ -257,17 +278,9 @@ def build_data(
     train_encoded, val_encoded = encoded_geometry(
         data_cfg, aug_cfg, store, images_path, load_size, eval_resize
     )
-    # each split decodes a JPEG at the DCT scale that still covers its first resize or crop
-    train_store = store.with_min_side(train_min_side(aug_cfg, size))
-    val_store = store.with_min_side(eval_resize)
-    val_transform = build_eval_load_transform(size, data_cfg.val_crop_pct)
-    if data_cfg.cache == "ram":
-        parts = [
-            CachePart(image_rows[train_idx], table.identifiers[train_idx], load_size, load_size),
-            CachePart(image_rows[val_idx], table.identifiers[val_idx], eval_resize, size),
-        ]
-        train_store, val_store = ram_cache_stores(data_cfg, store, parts, world_size, local_rank)
-        val_transform = v2.Identity()  # cached exactly as validation crops them
+    train_store, val_store, val_transform = split_stores(
+        data_cfg, aug_cfg, store, table, image_rows, (train_idx, val_idx), world_size, local_rank
+    )
 
     def dataset(split_store, transform, encoded) -> TaxonDataset:
         buffers = BatchBuffers(data_cfg.num_workers, data_cfg.prefetch_factor + 2, channels_last)
@@ -288,15 +301,9 @@ def build_data(
         dataset(val_store, val_transform, val_encoded), val_batches, data_cfg, pin_memory
     )
     log.info(
-        "data: %s | %d train / %d val images | %s | metadata: %s | decode %s, cache %s",
-        labels_path,
-        len(train_idx),
-        len(val_idx),
-        taxonomy.summary(),
-        table.meta_dims or "none",
-        data_cfg.decode,
-        data_cfg.cache,
-    )
+        "data: %s | %d train / %d val images | %s | metadata: %s | decode %s, cache %s", labels_path,
+        len(train_idx), len(val_idx), taxonomy.summary(), table.meta_dims or "none", data_cfg.decode, data_cfg.cache,
+    )  # fmt: skip
     return DataBundle(
         taxonomy=taxonomy,
         meta_dims=table.meta_dims,
