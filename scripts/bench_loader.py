@@ -19,7 +19,9 @@ loader; the same uint8 augmentation, then float conversion and normalisation in 
 a script does), our hybrid mode (labels.h5 + the same files), our images.h5 in the ``vlen`` and the
 ``contiguous`` layout, our RAM cache (``data.cache=ram``), and the decode-only limit: one process
 that only decodes the same bytes, from memory, with the fastest decoder at hand (torchvision
-``decode_image``, and simplejpeg for JPEGs). Datasets: Fashion-MNIST
+``decode_image``, and simplejpeg for JPEGs), and for each worker count above one, as many such
+processes decoding at once (what that many cores can decode together: the per-core limit with every
+core busy, which on a VM is below the one-process limit). Datasets: Fashion-MNIST
 as a folder tree (``scripts/make_fashion_tree.py``; 28 px grayscale PNGs, trained at 32 px) and
 seeded random crops of the photographs that ship inside scikit-image, resized to 224 x 224 and
 encoded as JPEG quality 90 (trained at 224 px; ``pip install -e .[bench]``). With ``--channels-last``
@@ -201,10 +203,10 @@ def image_folder_rate(tree: Path, cfg, workers: int, batches: int, batch_size: i
     return timed(loader, batches)
 
 
-def decode_only_rate(images_h5: Path, repeats: int = 2) -> tuple[float, str]:
-    """One process, one thread: decode the dataset's bytes (already in memory) with the fastest
-    decoder at hand: (images/s, its name). torchvision's ``decode_image`` for every format, and for
-    JPEGs also simplejpeg (libjpeg-turbo without torchvision's wrapping)."""
+def _decoders(images_h5: Path) -> tuple[list[np.ndarray], dict]:
+    """The dataset's bytes (read into memory) and a decode-all call per decoder at hand: torchvision's
+    ``decode_image`` for every format, and for JPEGs also simplejpeg (libjpeg-turbo without
+    torchvision's wrapping)."""
     import simplejpeg
     from torchvision.io import ImageReadMode, decode_image
 
@@ -218,6 +220,13 @@ def decode_only_rate(images_h5: Path, repeats: int = 2) -> tuple[float, str]:
     }
     if all(is_jpeg(data) for data in files):
         decoders["simplejpeg"] = lambda: [simplejpeg.decode_jpeg(data, "RGB") for data in files]
+    return files, decoders
+
+
+def decode_only_rate(images_h5: Path, repeats: int = 2) -> tuple[float, str]:
+    """One process, one thread: decode the dataset's bytes (already in memory) with the fastest
+    decoder at hand: (images/s, its name)."""
+    files, decoders = _decoders(images_h5)
     best = {}
     for _ in range(repeats):
         for name, decode in decoders.items():
@@ -226,6 +235,35 @@ def decode_only_rate(images_h5: Path, repeats: int = 2) -> tuple[float, str]:
             best[name] = max(best.get(name, 0.0), len(files) / (time.perf_counter() - start))
     name = max(best, key=best.get)
     return best[name], name
+
+
+def _decode_in_parallel(images_h5: Path, decoder: str, repeats: int, start, rates) -> None:
+    files, decoders = _decoders(images_h5)
+    start.wait()  # all processes decode at the same time
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        decoders[decoder]()
+    rates.put(repeats * len(files) / (time.perf_counter() - begin))
+
+
+def parallel_decode_rate(images_h5: Path, decoder: str, processes: int, repeats: int = 2) -> float:
+    """``processes`` processes decoding the dataset's bytes at once, each as ``decode_only_rate`` does
+    with ``decoder``: their images/s summed. What ``processes`` cores decode together; on a VM, or
+    wherever cores share caches and memory bandwidth, less than ``processes`` times one process."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    start, rates = context.Barrier(processes), context.Queue()
+    children = [
+        context.Process(target=_decode_in_parallel, args=(images_h5, decoder, repeats, start, rates))
+        for _ in range(processes)
+    ]
+    for child in children:
+        child.start()
+    total = sum(rates.get(timeout=600) for _ in children)
+    for child in children:
+        child.join()
+    return total
 
 
 def compare_decoders(repeats: int = 3) -> None:
@@ -326,10 +364,15 @@ def compare(args) -> None:
         costs = {name: prepare_cost(size, args.batch_size) for name, (_, size) in datasets.items()}
         for round_ in range(args.rounds):
             for dataset, (tree, size) in datasets.items():
-                rate, decoder = decode_only_rate(tmp / f"{tree.name}_built" / "h5" / "images.h5")
+                images_h5 = tmp / f"{tree.name}_built" / "h5" / "images.h5"
+                rate, decoder = decode_only_rate(images_h5)
                 if rate > best.get((dataset, "decode-only"), 0.0):
                     decoders[dataset] = decoder
                 record((dataset, "decode-only"), rate)
+                for workers in sorted({w for w in args.workers if w > 1}):
+                    record(
+                        (dataset, "decode-only", workers), parallel_decode_rate(images_h5, decoder, workers)
+                    )
                 for aug in args.aug:
                     for workers in args.workers:
                         common = [
@@ -355,9 +398,15 @@ def compare(args) -> None:
     rows = []
     for dataset in datasets:
         limit = best[(dataset, "decode-only")]
+        parallel = {w: best[(dataset, "decode-only", w)] for w in args.workers if w > 1}
         print(
             f"{dataset:28s} {'decode-only (1 process)':24s}                {limit:8.0f} images/s ({decoders[dataset]})"
         )
+        for workers, rate in parallel.items():
+            print(
+                f"{dataset:28s} {f'decode-only ({workers} at once)':24s}                {rate:8.0f} images/s "
+                f"({rate / (limit * workers):.2f} of {workers} x 1 process)"
+            )
         print(
             f"{dataset:28s} DataBundle.prepare on this CPU: {costs[dataset]:.1f} us per image (on the device in training)"
         )
@@ -367,22 +416,26 @@ def compare(args) -> None:
                 "mode": "decode-only",
                 "decoder": decoders[dataset],
                 "images_s": limit,
+                "parallel_images_s": parallel,
                 "prepare_us": costs[dataset],
             }
         )
         for aug in args.aug:
             for workers in args.workers:
                 base = best[(dataset, aug, workers, "ImageFolder")]
+                together = parallel.get(workers, limit)  # what the loader's processes could decode at once
                 for mode in ["ImageFolder", *modes[dataset]]:
                     rate = best[(dataset, aug, workers, mode)]
                     per_core = rate / (limit * max(1, workers))
                     rows.append(
                         {"dataset": dataset, "mode": mode, "augmentation": aug, "workers": workers,
-                         "images_s": rate, "vs_imagefolder": rate / base, "of_decode_only_per_core": per_core}
+                         "images_s": rate, "vs_imagefolder": rate / base, "of_decode_only_per_core": per_core,
+                         "of_parallel_decode_only": rate / together}
                     )  # fmt: skip
                     print(
                         f"{dataset:28s} {mode:24s} aug={aug:8s} w={workers}  {rate:8.0f} images/s  "
-                        f"x{rate / base:.2f} ImageFolder  {per_core:.2f} of decode-only per core"
+                        f"x{rate / base:.2f} ImageFolder  {per_core:.2f} of decode-only per core  "
+                        f"{rate / together:.2f} of {max(1, workers)} decoding at once"
                     )
     print(f"load average after: {os.getloadavg()}")
     print(json.dumps(rows))

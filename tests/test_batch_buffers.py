@@ -258,10 +258,10 @@ def test_a_batch_that_fails_in_a_worker_frees_its_slot(dataset):  # noqa: F811
     bad = int(batches[0][1][1])  # the second image of the first batch
     read = ds._read
 
-    def failing(index: int) -> torch.Tensor:
+    def failing(index: int, out: torch.Tensor | None = None) -> torch.Tensor:
         if index == bad:
             raise BadImageError("damaged on purpose")
-        return read(index)
+        return read(index, out)
 
     ds._read = failing  # the workers fork with it
     it = iter(data.train_loader)
@@ -285,3 +285,92 @@ def test_a_lease_from_an_unknown_pool_brings_its_memory_in_its_layout():
     assert batch.data_ptr() != memory.data_ptr()  # a copy: nobody here watches that pool's slots
     with pytest.raises(RuntimeError, match="unknown buffer pool arrived without memory"):
         _watch(-1, 0, (1, 1), 1, None, True)
+
+
+@pytest.fixture(scope="module")
+def sized(tmp_path_factory):
+    """24 images around a 32 px batch: JPEGs of exactly 32 px and of 64 px (1/2 DCT scale: 32 px),
+    which the loader decodes straight into channels-last batch rows, and 40 x 36 px JPEGs and 32 px
+    PNGs, which it decodes elsewhere and copies."""
+    from linnaeus.data.writer import write_images_h5, write_labels_h5
+    from tests.test_image_layouts import encode, photo
+
+    root = tmp_path_factory.mktemp("sized")
+    identifiers, files = [], []
+    for i in range(24):
+        kind = i % 4
+        shape = [(32, 32), (64, 64), (40, 36), (32, 32)][kind]
+        fmt = "PNG" if kind == 3 else "JPEG"
+        files.append(encode(photo(*shape, seed=i), fmt, **({"quality": 90} if fmt == "JPEG" else {})))
+        identifiers.append(f"img_{i:02d}.{fmt.lower()}")
+    write_images_h5(root / "images.h5", identifiers, files)
+    species = np.arange(24) % 4
+    write_labels_h5(
+        root / "labels.h5", identifiers, {"taxa_L20": 10 + species // 2, "taxa_L10": 20 + species}
+    )
+    return root
+
+
+def sized_data(root, aug: str, crop_pct: str, workers: int, channels_last: bool):
+    from linnaeus.data.loader import build_data
+
+    cfg = compose_cfg(
+        "data=h5",
+        f"data.labels={root / 'labels.h5'}",
+        f"data.images={root / 'images.h5'}",
+        "data.image_size=32",
+        f"data.val_crop_pct={crop_pct}",
+        "data.batch_size=5",
+        "data.val_fraction=0.25",
+        f"data.num_workers={workers}",
+        "data.check_images=false",
+        f"augmentation={aug}",
+    )
+    return build_data(cfg.data, cfg.augmentation, run_dir=None, seed=3, channels_last=channels_last)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("aug", ["none", "default"])
+def test_images_decoded_into_channels_last_rows_equal_contiguous_batches(sized, aug, workers, monkeypatch):
+    """Channels-last batches, where JPEGs of the row's size are decoded into the row itself, hold
+    exactly the images of contiguous batches, where every image is copied in: training (random crops
+    read from the row they were decoded into) and validation (resized or not), over two epochs."""
+    import simplejpeg
+
+    decode, into_rows = simplejpeg.decode_jpeg, []
+
+    def counting(*args, buffer=None, **kwargs):
+        into_rows.append(buffer is not None)
+        return decode(*args, buffer=buffer, **kwargs)
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", counting)  # seen in this process (workers=0)
+    for crop_pct in ("1.0", "0.875"):
+        plain = sized_data(sized, aug, crop_pct, workers, channels_last=False)
+        last = sized_data(sized, aug, crop_pct, workers, channels_last=True)
+        for epoch in range(2):
+            for data in (plain, last):
+                data.train_batches.set_epoch(epoch)
+            for loader in ("train_loader", "val_loader"):
+                expected = [b["images"].clone() for b in getattr(plain, loader)]
+                got = [b["images"].clone() for b in getattr(last, loader)]
+                assert len(got) == len(expected) >= 1
+                for a, b in zip(expected, got, strict=True):
+                    assert b.is_contiguous(memory_format=torch.channels_last) and torch.equal(a, b)
+    if workers == 0:  # half the JPEGs decode to 32 px; the first of each batch sets its shape
+        assert 0 < sum(into_rows) < len(into_rows) / 2
+
+
+def test_fill_takes_an_image_written_into_its_row_as_it_is_and_copies_other_views_off_first():
+    images = [torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8) for _ in range(4)]
+
+    def sample(k: int, row: torch.Tensor | None) -> torch.Tensor:
+        if row is None:
+            return images[k]
+        row.copy_(images[k])
+        return row if k % 2 else row.transpose(1, 2)  # the row itself, or another view of its memory
+
+    for channels_last in (False, True):
+        batch = BatchBuffers(channels_last=channels_last).fill(sample, 4)
+        assert torch.equal(batch[0], images[0])
+        assert torch.equal(batch[1], images[1]) and torch.equal(batch[3], images[3])
+        assert torch.equal(batch[2], images[2].transpose(1, 2))

@@ -241,6 +241,45 @@ def test_jpeg_decoding_gives_torchvisions_pixels(subsampling, progressive, shape
     )
 
 
+def test_a_jpeg_of_the_rows_size_decodes_straight_into_the_row():
+    """Given the batch row it goes to (``out``: channels-last memory), a JPEG that decodes to exactly
+    the row's size, at full size or DCT-downscaled, is decoded into the row and the row comes back,
+    with the pixels of a plain decode; anything else (another size, PNG, CMYK, a planar row) comes
+    back in memory of its own, with the same pixels as without ``out``, and no other row is touched.
+    A CMYK JPEG has the pixels of a plain decode either way."""
+    batch = torch.full((3, 3, 48, 40), 7, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    row = batch[1]
+    array = photo(48, 40, seed=11)
+    direct = [
+        (encode(array, "JPEG", quality=90, subsampling=s, progressive=p), None)
+        for s in (0, 1, 2)
+        for p in (False, True)
+    ]
+    direct.append((encode(array[..., 0], "JPEG", quality=85), None))  # grayscale ends as RGB
+    direct.append((encode(photo(96, 80, seed=12), "JPEG", quality=90), 40))  # 1/2 DCT scale: 48 x 40
+    direct.append((encode(photo(95, 79, seed=15), "JPEG", quality=90), 20))  # 1/2, rounded up: 48 x 40
+    direct.append((encode(photo(192, 160, seed=13), "JPEG", quality=90), 40))  # 1/4: 48 x 40
+    for data, min_side in direct:
+        expected = decode_bytes(data, min_side)
+        row.fill_(0)
+        got = decode_bytes(data, min_side, out=row)
+        assert expected.shape == row.shape and got is row and torch.equal(got, expected)
+    cmyk = io.BytesIO()
+    Image.fromarray(array).convert("CMYK").save(cmyk, format="JPEG", quality=95)
+    planar = torch.zeros(3, 48, 40, dtype=torch.uint8)
+    others = [
+        (encode(photo(50, 40, seed=14), "JPEG", quality=90), None, row),  # another size
+        (encode(array, "PNG"), None, row),
+        (encode(array, "JPEG", quality=90), None, planar),  # (3, H, W) memory: no decoder writes that
+        (encode(array, "JPEG", quality=90), None, batch[1, :2]),  # not 3 channels
+    ]
+    for data, min_side, out in others:
+        got = decode_bytes(data, min_side, out=out)
+        assert got.data_ptr() != out.data_ptr() and torch.equal(got, decode_bytes(data, min_side))
+    assert torch.equal(decode_bytes(cmyk.getvalue(), out=row), decode_bytes(cmyk.getvalue()))
+    assert (batch[0] == 7).all() and (batch[2] == 7).all()
+
+
 class WorkerProbe(Dataset):
     """Reads through a store and reports which process opened it."""
 

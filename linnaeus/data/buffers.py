@@ -32,7 +32,7 @@ import math
 import os
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -203,20 +203,30 @@ class BatchBuffers:
                 return (rows.permute(0, 3, 1, 2) if permuted else rows), lease
         return self.empty(shape, dtype, shared=True), None
 
-    def fill(self, images: Iterator[torch.Tensor], count: int) -> torch.Tensor | Lease:
-        """A batch of the ``count`` images ``images`` yields, written into a buffer one by one: the
-        tensor, or in a worker the lease that becomes the tensor in the main process."""
-        first = next(images)
+    def fill(
+        self, sample: Callable[[int, torch.Tensor | None], torch.Tensor], count: int
+    ) -> torch.Tensor | Lease:
+        """A batch of the images ``sample(k, row)`` makes for k < ``count``, written into a buffer one by
+        one: the tensor, or in a worker the lease that becomes the tensor in the main process.
+        ``row`` is the batch row image k goes to (None for the first, which sets the batch's shape):
+        ``sample`` may write the image there itself and return ``row``, saving a copy."""
+        first = sample(0, None)
         out, lease = self.take((count, *first.shape), first.dtype)
         try:
             out[0].copy_(first)
-            for i, image in enumerate(images, 1):
+            for k in range(1, count):
+                row = out[k]
+                image = sample(k, row)
                 if image.shape != first.shape:
                     raise ValueError(
-                        f"the images of one batch must have one size; image {i} is {tuple(image.shape)}, "
+                        f"the images of one batch must have one size; image {k} is {tuple(image.shape)}, "
                         f"image 0 {tuple(first.shape)}"
                     )
-                out[i].copy_(image)
+                if image.data_ptr() == row.data_ptr() and image.stride() == row.stride():
+                    continue  # written in place
+                if image.untyped_storage().data_ptr() == row.untyped_storage().data_ptr():
+                    image = image.clone()  # some other view of the batch's memory: copy it off first
+                row.copy_(image)
         except BaseException:  # e.g. a bad image: the batch never leaves, so its slot is free again
             if lease is not None:
                 if lease.memory is not None:

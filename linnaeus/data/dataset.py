@@ -64,13 +64,14 @@ class TaxonDataset(Dataset):
     def __len__(self) -> int:
         return len(self.identifiers)
 
-    def _read(self, index: int) -> torch.Tensor:
-        """The decoded image (or, with ``encoded``, the file's bytes) of sample ``index``."""
+    def _read(self, index: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoded image (or, with ``encoded``, the file's bytes) of sample ``index``; decoded into
+        ``out`` where the store can (``decode_bytes``)."""
         row, identifier = int(self.image_rows[index]), str(self.identifiers[index])
         try:
             if self.encoded is not None:
                 return torch.from_numpy(np.array(self.store.read_encoded(row, identifier)))
-            return self.store.read(row, identifier)
+            return self.store.read(row, identifier, out)
         except BadImageError as err:
             raise BadImageError(f"{err}. {BAD_IMAGE_HINT}") from err
 
@@ -80,9 +81,10 @@ class TaxonDataset(Dataset):
             return torch.random.fork_rng(devices=[])
         return nullcontext()
 
-    def _sample(self, index: int, epoch: int | None) -> torch.Tensor:
-        """Sample ``index``'s transformed image (inside ``_rng_scope``): seeded from (seed, epoch, index)."""
-        image = self._read(index)
+    def _sample(self, index: int, epoch: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample ``index``'s transformed image (inside ``_rng_scope``): seeded from (seed, epoch, index).
+        ``out``: the batch row it goes to, which the decoder may write into (``BatchBuffers.fill``)."""
+        image = self._read(index, out)
         if self.seeded and epoch is not None:
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
         return self.transform(image)
@@ -105,14 +107,15 @@ class TaxonDataset(Dataset):
 
     def __getitems__(self, keys: list) -> dict:
         """A whole batch, as ``collate`` would make it from ``self[key]`` for every key (the DataLoader's
-        fetcher calls this): images written one by one into a reused batch buffer (each decoded image
-        is freed before the next, so the decoder reuses warm memory), then labels and metadata gathered
-        with one index each, which saves building and collating a dict per sample."""
+        fetcher calls this): images decoded straight into a reused batch buffer where the decoder can
+        (else each written into it and freed before the next, so the decoder reuses warm memory), then
+        labels and metadata gathered with one index each, which saves building and collating a dict
+        per sample."""
         pairs = [key if isinstance(key, tuple) else (key, None) for key in keys]
         indices = [index for index, _ in pairs]
         if self.encoded is None:
             with self._rng_scope(pairs):  # each image written into the batch as soon as it is made
-                packed = self.buffers.fill((self._sample(i, epoch) for i, epoch in pairs), len(pairs))
+                packed = self.buffers.fill(lambda k, out: self._sample(*pairs[k], out), len(pairs))
         else:
             identifiers = [str(self.identifiers[i]) for i in indices]
             packed = EncodedImages.pack([self._read(i) for i in indices], identifiers, *self.encoded)

@@ -50,17 +50,17 @@ class TracedStore:
         self.inner = store
         self.slots = slots  # (MAX_SLOTS + 1, 2) int64: pid, row (-1 when idle); last = main process
 
-    def _traced(self, method: str, row: int, identifier: str):
+    def _traced(self, method: str, row: int, identifier: str, *args):
         info = get_worker_info()
         slot = len(self.slots) - 1 if info is None else min(info.id, len(self.slots) - 2)
         self.slots[slot, 0] = os.getpid()
         self.slots[slot, 1] = int(row)
-        result = getattr(self.inner, method)(row, identifier)
+        result = getattr(self.inner, method)(row, identifier, *args)
         self.slots[slot, 1] = -1
         return result
 
-    def read(self, row: int, identifier: str):
-        return self._traced("read", row, identifier)
+    def read(self, row: int, identifier: str, out: torch.Tensor | None = None):
+        return self._traced("read", row, identifier, out)
 
     def read_encoded(self, row: int, identifier: str):
         return self._traced("read_encoded", row, identifier)

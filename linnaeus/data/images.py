@@ -109,27 +109,53 @@ def _decode_pil(data: bytes | np.ndarray | torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
 
-def _decode_jpeg(data: bytes | np.ndarray | torch.Tensor, min_side: int | None) -> torch.Tensor:
+def _decode_jpeg(
+    data: bytes | np.ndarray | torch.Tensor, min_side: int | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """A JPEG through simplejpeg (libjpeg-turbo, straight into one array): a (3, H, W) view over
     (H, W, 3) pixels, as torchvision returns them, decoded at the smallest DCT scale (1/2, 1/4 or 1/8)
-    that keeps the short side >= ``min_side``."""
+    that keeps the short side >= ``min_side``; into ``out`` itself when it can hold exactly that
+    (``writable_pixels``)."""
     buffer = data.numpy() if isinstance(data, torch.Tensor) else data
-    size = jpeg_size(buffer) if min_side else None
+    target = writable_pixels(out)
+    size = jpeg_size(buffer) if min_side or target is not None else None
     factor = 1
-    while size is not None and factor < 8 and min(size) >= 2 * factor * min_side:
+    while min_side and size is not None and factor < 8 and min(size) >= 2 * factor * min_side:
         factor *= 2
+    scaled = None if size is None else (-(-size[1] // factor), -(-size[0] // factor))  # (height, width)
+    into = target if target is not None and scaled == target.shape[:2] else None
     if factor == 1:
-        pixels = simplejpeg.decode_jpeg(buffer, "RGB")
+        pixels = simplejpeg.decode_jpeg(buffer, "RGB", buffer=into)
     else:  # exactly that factor: the least output that still has ceil(side / factor) pixels
-        width, height = size
         pixels = simplejpeg.decode_jpeg(
-            buffer, "RGB", min_factor=factor, min_height=-(-height // factor), min_width=-(-width // factor)
+            buffer, "RGB", min_factor=factor, min_height=scaled[0], min_width=scaled[1], buffer=into
         )
-    return torch.from_numpy(pixels).permute(2, 0, 1)
+    if into is None:
+        return torch.from_numpy(pixels).permute(2, 0, 1)
+    if pixels.shape == into.shape:
+        return out
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # not the size foreseen: off ``out``
 
 
-def decode_bytes(data: bytes | np.ndarray | torch.Tensor, min_side: int | None = None) -> torch.Tensor:
+def writable_pixels(out: torch.Tensor | None) -> np.ndarray | None:
+    """The (H, W, 3) uint8 array a decoder can write ``out``'s pixels into: ``out`` must be a (3, H, W)
+    uint8 CPU tensor over contiguous (H, W, 3) memory (a row of a channels-last batch); else None."""
+    if out is None or out.dtype != torch.uint8 or out.dim() != 3:
+        return None
+    channels, _, width = out.shape
+    if channels != 3 or out.stride() != (1, 3 * width, 3) or out.device.type != "cpu":
+        return None
+    return out.numpy().transpose(1, 2, 0)
+
+
+def decode_bytes(
+    data: bytes | np.ndarray | torch.Tensor, min_side: int | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Encoded image bytes -> (3, H, W) uint8 RGB tensor (grayscale, alpha, CMYK converted).
+
+    ``out``: where the caller will put the pixels (a row of a channels-last batch). A JPEG that decodes
+    to exactly its size is decoded into it, saving an allocation and a copy, and ``out`` itself comes
+    back; any other image comes back in memory of its own (and ``out`` may have been written to).
 
     ``min_side``: the shortest side the caller's first resize or crop needs. A JPEG whose short side
     is at least twice that is decoded at a reduced DCT scale that still keeps the short side >=
@@ -141,7 +167,7 @@ def decode_bytes(data: bytes | np.ndarray | torch.Tensor, min_side: int | None =
     try:
         if is_jpeg(data):
             try:
-                return _decode_jpeg(data, min_side)
+                return _decode_jpeg(data, min_side, out)
             except ValueError:
                 pass  # a JPEG simplejpeg cannot convert to RGB (CMYK): torchvision, at full size
         return _decode_full(_as_tensor(data))
@@ -278,7 +304,8 @@ class H5ImageStore(_SizedReads):
             return self._h5["images"][row]
         raise TypeError(f"{self.path} holds decoded arrays, not encoded files")
 
-    def read(self, row: int, identifier: str) -> torch.Tensor:
+    def read(self, row: int, identifier: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Row ``row``'s (3, H, W) uint8 pixels (``out``: as for ``decode_bytes``)."""
         if self.layout == "decoded":
             self._open()
             data = self._h5["images"][row]
@@ -287,7 +314,7 @@ class H5ImageStore(_SizedReads):
         if len(data) == 0:
             raise BadImageError(f"image {identifier!r} (row {row} of {self.path}) is empty")
         try:
-            return decode_bytes(data, self.min_side)
+            return decode_bytes(data, self.min_side, out)
         except BadImageError as err:
             raise BadImageError(f"image {identifier!r} (row {row} of {self.path}): {err}") from err
 
@@ -326,10 +353,10 @@ class FolderImageStore(_SizedReads):
         except OSError as err:
             raise BadImageError(f"image {identifier!r}: cannot read {path} ({err.strerror})") from err
 
-    def read(self, row: int, identifier: str) -> torch.Tensor:
+    def read(self, row: int, identifier: str, out: torch.Tensor | None = None) -> torch.Tensor:
         data = self.read_encoded(row, identifier)
         try:
-            return decode_bytes(data, self.min_side)
+            return decode_bytes(data, self.min_side, out)
         except BadImageError as err:
             raise BadImageError(f"image {identifier!r} ({self.path_of(identifier)}): {err}") from err
 
