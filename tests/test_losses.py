@@ -151,6 +151,24 @@ def test_no_dense_class_by_class_matrix_for_10k_species():
     assert q.shape == (8, 10_001)
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["loss.taxonomy_smoothing.alpha=1.5"],
+            r"set it in \(0, 1\), e.g. loss.taxonomy_smoothing.alpha=0.1",
+        ),
+        (["loss.taxonomy_smoothing.alpha=0.1", "loss.label_smoothing=0.1"], "either loss.label_smoothing or"),
+        (["loss.task_weights=[1.0,2.0]"], "loss.task_weights has 2 values but there are 3 ranks"),
+        (["loss.task_weights=[1.0,1.0,1.0]", "loss.gradnorm.enabled=true"], "exclude each other"),
+        (["loss.class_weights.enabled=true"], "needs the training class counts"),
+    ],
+)
+def test_contradictory_loss_settings_are_refused_naming_the_keys(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_loss(loss_config(*overrides), toy_taxonomy())
+
+
 def test_alpha_zero_is_plain_cross_entropy():
     tax = toy_taxonomy()
     logits, targets = random_batch(tax, 6)

@@ -179,81 +179,106 @@ def read_table(file: Path, findings: Findings) -> Table:
     return Table(header, rows, lines)
 
 
+class _Columns:
+    """A table's header and the role each column was given so far (``findings.columns`` kept in step)."""
+
+    def __init__(self, table: Table, file: Path, findings: Findings) -> None:
+        self.header, self.file, self.findings = table.header, file, findings
+        self.by_norm: dict[str, str] = {}
+        for h in self.header:
+            self.by_norm.setdefault(normalise(h), h)
+        self.used: dict[str, str] = {}  # header -> role
+
+    def free(self, name: str) -> str | None:
+        """The unused column whose normalised name is ``name``."""
+        h = self.by_norm.get(name)
+        return h if h is not None and h not in self.used else None
+
+    def give(self, h: str, role: str, finding: str | None = None) -> str:
+        self.used[h] = role
+        if finding is not None:
+            self.findings.columns[finding] = h
+        return h
+
+    def take(self, role: str, names: tuple[str, ...]) -> str | None:
+        """The first unused column among the aliases ``names``, given ``role``."""
+        for name in names:
+            h = self.free(name)
+            if h is not None:
+                return self.give(h, role, role)
+        return None
+
+
+def _image_column(columns: _Columns, image_column: str | None) -> str:
+    if image_column is not None:
+        if image_column not in columns.header:
+            raise DatasetError(
+                f"{columns.file}: --image-column {image_column!r} is not a column; columns: {columns.header}"
+            )
+        return columns.give(image_column, "image", "image")
+    image = columns.take("image", ALIASES["image"])
+    if image is None:
+        raise DatasetError(
+            f"{columns.file}: no image path column (one of image, path, file, filename, photo, ...); "
+            f"columns: {columns.header}; name it with --image-column"
+        )
+    return image
+
+
+def _named_ranks(columns: _Columns, ranks: str, image: str) -> list[str]:
+    """The ``--ranks`` columns, checked."""
+    rank_columns = [r.strip() for r in ranks.split(",") if r.strip()]
+    absent = [r for r in rank_columns if r not in columns.header]
+    if absent:
+        raise DatasetError(
+            f"{columns.file}: --ranks names columns {absent} that the file lacks; columns: {columns.header}"
+        )
+    twice = sorted({r for r in rank_columns if rank_columns.count(r) > 1})
+    if twice:
+        raise DatasetError(f"--ranks lists {twice} more than once")
+    if image in rank_columns:
+        raise DatasetError(f"--ranks includes the image path column {image!r}")
+    return [columns.give(r, "rank") for r in rank_columns]
+
+
+def _found_ranks(columns: _Columns) -> list[str]:
+    """The rank columns recognised by name (``order``, ``taxon_genus_name``, ``scientific_name``, ...),
+    coarse -> fine."""
+    found: dict[str, str] = {}  # rank name -> header
+    for h in columns.header:
+        norm = normalise(h)
+        inat = INAT_RANK.match(norm)
+        rank = (
+            norm
+            if norm in RANK_LEVELS
+            else (inat.group(1) if inat and inat.group(1) in RANK_LEVELS else None)
+        )
+        if rank is not None and rank not in found and h not in columns.used:
+            found[rank] = h
+    if "species" not in found:
+        species = next((columns.free(alias) for alias in SPECIES_ALIASES if columns.free(alias)), None)
+        if species is not None:
+            found["species"] = species
+    if not found:
+        raise DatasetError(
+            f"{columns.file}: no rank columns found (e.g. order, family, genus, species or scientific_name); "
+            f"columns: {columns.header}; name them with --ranks"
+        )
+    for rank, h in found.items():
+        columns.give(h, "rank", rank)
+    return [found[r] for r in sorted(found, key=lambda r: -RANK_LEVELS[r])]
+
+
 def assign_columns(
     table: Table, file: Path, findings: Findings, image_column: str | None, ranks: str | None
 ) -> tuple[str, list[str]]:
     """The image column and the rank columns (coarse -> fine); fills ``findings.columns`` and ignored ones."""
-    header = table.header
-    by_norm: dict[str, str] = {}
-    for h in header:
-        by_norm.setdefault(normalise(h), h)
-    used: dict[str, str] = {}  # header -> role
-
-    def take(role: str, names: tuple[str, ...]) -> str | None:
-        for name in names:
-            h = by_norm.get(name)
-            if h is not None and h not in used:
-                used[h] = role
-                findings.columns[role] = h
-                return h
-        return None
-
-    if image_column is not None:
-        if image_column not in header:
-            raise DatasetError(f"{file}: --image-column {image_column!r} is not a column; columns: {header}")
-        used[image_column] = "image"
-        findings.columns["image"] = image_column
-        image = image_column
-    else:
-        image = take("image", ALIASES["image"])
-        if image is None:
-            raise DatasetError(
-                f"{file}: no image path column (one of image, path, file, filename, photo, ...); columns: {header}; "
-                "name it with --image-column"
-            )
-    if ranks is not None:
-        rank_columns = [r.strip() for r in ranks.split(",") if r.strip()]
-        absent = [r for r in rank_columns if r not in header]
-        if absent:
-            raise DatasetError(
-                f"{file}: --ranks names columns {absent} that the file lacks; columns: {header}"
-            )
-        twice = sorted({r for r in rank_columns if rank_columns.count(r) > 1})
-        if twice:
-            raise DatasetError(f"--ranks lists {twice} more than once")
-        if image in rank_columns:
-            raise DatasetError(f"--ranks includes the image path column {image!r}")
-        for r in rank_columns:
-            used[r] = "rank"
-    else:
-        found: dict[str, str] = {}  # rank name -> header
-        for h in header:
-            norm = normalise(h)
-            inat = INAT_RANK.match(norm)
-            rank = (
-                norm
-                if norm in RANK_LEVELS
-                else (inat.group(1) if inat and inat.group(1) in RANK_LEVELS else None)
-            )
-            if rank is not None and rank not in found and h not in used:
-                found[rank] = h
-        if "species" not in found:
-            for alias in SPECIES_ALIASES:
-                if alias in by_norm and by_norm[alias] not in used:
-                    found["species"] = by_norm[alias]
-                    break
-        if not found:
-            raise DatasetError(
-                f"{file}: no rank columns found (e.g. order, family, genus, species or scientific_name); "
-                f"columns: {header}; name them with --ranks"
-            )
-        rank_columns = [found[r] for r in sorted(found, key=lambda r: -RANK_LEVELS[r])]
-        for rank, h in found.items():
-            used[h] = "rank"
-            findings.columns[rank] = h
+    columns = _Columns(table, file, findings)
+    image = _image_column(columns, image_column)
+    rank_columns = _found_ranks(columns) if ranks is None else _named_ranks(columns, ranks, image)
     for role in ("latitude", "longitude", "date", "time", "elevation"):
-        take(role, ALIASES[role])
-    findings.ignored_columns = [h for h in header if h not in used and h]
+        columns.take(role, ALIASES[role])
+    findings.ignored_columns = [h for h in table.header if h not in columns.used and h]
     return image, rank_columns
 
 

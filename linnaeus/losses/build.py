@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from torch import nn
 
 from linnaeus.data.taxonomy import Taxonomy
 from linnaeus.losses.criteria import (
@@ -36,10 +37,20 @@ def build_loss(
     ``alpha > 0``). ``class_counts`` (training samples per class, per rank) feed the class weights;
     ``total_steps`` resolves a fractional ``loss.null.include_after``.
     """
-    num_tasks, null = taxonomy.num_tasks, taxonomy.null_index
     if loss_cfg.name not in LOSS_NAMES:
         raise ValueError(f"loss.name must be one of {list(LOSS_NAMES)}, got {loss_cfg.name!r}")
+    return MultiTaskLoss(
+        rank_criteria(loss_cfg, taxonomy),
+        taxonomy.null_index,
+        task_weights=task_weights_for(loss_cfg, taxonomy.num_tasks),
+        class_weights=class_weights_for(loss_cfg, class_counts, taxonomy.null_index),
+        null_from_step=null_start_step(loss_cfg.null.include_after, total_steps),
+    )
 
+
+def rank_criteria(loss_cfg, taxonomy: Taxonomy) -> list[nn.Module]:
+    """One criterion per rank, coarse -> fine (``build_loss``)."""
+    num_tasks, null = taxonomy.num_tasks, taxonomy.null_index
     smoothing = loss_cfg.taxonomy_smoothing
     use_smoothing = smoothing.enabled or smoothing.alpha > 0
     if use_smoothing and not 0 < smoothing.alpha < 1:
@@ -50,7 +61,7 @@ def build_loss(
     if use_smoothing and loss_cfg.label_smoothing > 0:
         raise ValueError("use either loss.label_smoothing or loss.taxonomy_smoothing, not both")
 
-    def rank_criterion(t: int):
+    def rank_criterion(t: int) -> nn.Module:
         if use_smoothing:
             return TaxonomySmoothedCrossEntropy(
                 taxonomy.ancestors[t], null, alpha=smoothing.alpha, beta=smoothing.beta
@@ -65,31 +76,26 @@ def build_loss(
         criteria.append(HierarchicalCrossEntropy(finest, null, alpha=loss_cfg.hxe.alpha))
     else:
         criteria.append(rank_criterion(num_tasks - 1))
+    return criteria
 
+
+def task_weights_for(loss_cfg, num_tasks: int) -> GradNorm | StaticTaskWeights:
+    """GradNorm (``loss.gradnorm.enabled``) or the fixed ``loss.task_weights`` (1 each by default)."""
     gradnorm = loss_cfg.gradnorm
     if gradnorm.enabled:
         if loss_cfg.task_weights is not None:
             raise ValueError("loss.task_weights and loss.gradnorm.enabled=true exclude each other")
-        task_weights = GradNorm(
-            num_tasks, alpha=gradnorm.alpha, lr=gradnorm.lr, update_every=gradnorm.update_every
-        )
-    else:
-        weights = [1.0] * num_tasks if loss_cfg.task_weights is None else list(loss_cfg.task_weights)
-        if len(weights) != num_tasks:
-            raise ValueError(f"loss.task_weights has {len(weights)} values but there are {num_tasks} ranks")
-        task_weights = StaticTaskWeights(weights)
+        return GradNorm(num_tasks, alpha=gradnorm.alpha, lr=gradnorm.lr, update_every=gradnorm.update_every)
+    weights = [1.0] * num_tasks if loss_cfg.task_weights is None else list(loss_cfg.task_weights)
+    if len(weights) != num_tasks:
+        raise ValueError(f"loss.task_weights has {len(weights)} values but there are {num_tasks} ranks")
+    return StaticTaskWeights(weights)
 
-    class_weights = None
-    if loss_cfg.class_weights.enabled:
-        if class_counts is None:
-            raise ValueError("loss.class_weights.enabled=true needs the training class counts")
-        class_weights = [
-            class_weights_from_counts(counts, loss_cfg.class_weights.power, null) for counts in class_counts
-        ]
-    return MultiTaskLoss(
-        criteria,
-        null,
-        task_weights=task_weights,
-        class_weights=class_weights,
-        null_from_step=null_start_step(loss_cfg.null.include_after, total_steps),
-    )
+
+def class_weights_for(loss_cfg, class_counts: list[np.ndarray] | None, null: int | None):
+    """Per-rank class weights from the training class counts (``loss.class_weights``), or None."""
+    if not loss_cfg.class_weights.enabled:
+        return None
+    if class_counts is None:
+        raise ValueError("loss.class_weights.enabled=true needs the training class counts")
+    return [class_weights_from_counts(counts, loss_cfg.class_weights.power, null) for counts in class_counts]
