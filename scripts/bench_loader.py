@@ -21,7 +21,8 @@ a script does), our hybrid mode (labels.h5 + the same files), our images.h5 in t
 that only decodes the same bytes, from memory, with the fastest decoder at hand (torchvision
 ``decode_image``, and simplejpeg for JPEGs), and for each worker count above one, as many such
 processes decoding at once (what that many cores can decode together: the per-core limit with every
-core busy, which on a VM is below the one-process limit). Datasets: Fashion-MNIST
+core busy, which on a VM is below the one-process limit); for JPEGs also one process decoding
+straight into the rows of a reused batch (what writing batch memory adds). Datasets: Fashion-MNIST
 as a folder tree (``scripts/make_fashion_tree.py``; 28 px grayscale PNGs, trained at 32 px) and
 seeded random crops of the photographs that ship inside scikit-image, resized to 224 x 224 and
 encoded as JPEG quality 90 (trained at 224 px; ``pip install -e .[bench]``). With ``--channels-last``
@@ -244,6 +245,27 @@ def decode_only_rate(images_h5: Path, repeats: int = 2) -> tuple[float, str]:
     return best[name], name
 
 
+def decode_into_batch_rate(images_h5: Path, batch_size: int, repeats: int = 2) -> float:
+    """One process: simplejpeg decoding the dataset's JPEGs in order straight into the rows of one
+    reused channels-last batch (all of the same size), nothing else: images/s. The least a loader
+    that hands over batches must do; against ``decode_only_rate`` (a decoder writing into the same warm
+    buffer again and again) it shows what writing batch memory costs on this machine."""
+    import simplejpeg
+
+    from linnaeus.data.images import jpeg_size
+
+    files, _ = _decoders(images_h5)
+    width, height = jpeg_size(files[0])
+    batch = np.empty((batch_size, height, width, 3), dtype=np.uint8)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for i, data in enumerate(files):
+            simplejpeg.decode_jpeg(data, "RGB", buffer=batch[i % batch_size])
+        best = max(best, len(files) / (time.perf_counter() - start))
+    return best
+
+
 def _decode_in_parallel(images_h5: Path, decoder: str, repeats: int, start, rates) -> None:
     files, decoders = _decoders(images_h5)
     start.wait()  # all processes decode at the same time
@@ -376,6 +398,8 @@ def compare(args) -> None:
                 if rate > best.get((dataset, "decode-only"), 0.0):
                     decoders[dataset] = decoder
                 record((dataset, "decode-only"), rate)
+                if decoder == "simplejpeg":
+                    record((dataset, "into batch"), decode_into_batch_rate(images_h5, args.batch_size))
                 for workers in sorted({w for w in args.workers if w > 1}):
                     record(
                         (dataset, "decode-only", workers), parallel_decode_rate(images_h5, decoder, workers)
@@ -409,6 +433,12 @@ def compare(args) -> None:
         print(
             f"{dataset:28s} {'decode-only (1 process)':24s}                {limit:8.0f} images/s ({decoders[dataset]})"
         )
+        if (dataset, "into batch") in best:
+            rate = best[(dataset, "into batch")]
+            print(
+                f"{dataset:28s} {'decoded into a batch':24s}                {rate:8.0f} images/s "
+                f"({rate / limit:.2f} of decode-only: what writing batch memory costs here)"
+            )
         for workers, rate in parallel.items():
             print(
                 f"{dataset:28s} {f'decode-only ({workers} at once)':24s}                {rate:8.0f} images/s "
@@ -424,6 +454,7 @@ def compare(args) -> None:
                 "decoder": decoders[dataset],
                 "images_s": limit,
                 "parallel_images_s": parallel,
+                "into_batch_images_s": best.get((dataset, "into batch")),
                 "prepare_us": costs[dataset],
             }
         )
