@@ -365,28 +365,12 @@ def compare(args) -> None:
     (a shared or busy machine only ever makes a setting slower)."""
     import os
 
-    sys.path.insert(0, str(REPO / "scripts"))
-    from make_fashion_tree import SOURCE, make_tree
-
     print(f"load average before: {os.getloadavg()}")
     best: dict[tuple, float] = {}
     decoders: dict[str, str] = {}  # the fastest decoder of each dataset's decode-only limit
-
-    def record(key: tuple, rate: float) -> None:
-        best[key] = max(best.get(key, 0.0), rate)
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        datasets = {}
-        fashion = (SOURCE / "train-images-idx3-ubyte.gz").is_file()
-        if "fashion" in args.datasets and fashion:
-            make_tree(tmp / "fashion", args.per_class)
-            datasets["Fashion-MNIST (28 px PNG)"] = (tmp / "fashion", 32)
-        elif "fashion" in args.datasets:
-            print("Fashion-MNIST missing (apt-get install dataset-fashion-mnist): skipped")
-        if "photos" in args.datasets:
-            photo_tree(tmp / "photos", args.photos)
-            datasets["photo crops (224 px JPEG)"] = (tmp / "photos", 224)
+        datasets = compare_datasets(args, tmp)
         modes = {
             name: build_variants(tree, tmp / f"{tree.name}_built") for name, (tree, _) in datasets.items()
         }
@@ -394,89 +378,128 @@ def compare(args) -> None:
         for round_ in range(args.rounds):
             for dataset, (tree, size) in datasets.items():
                 images_h5 = tmp / f"{tree.name}_built" / "h5" / "images.h5"
-                rate, decoder = decode_only_rate(images_h5)
-                if rate > best.get((dataset, "decode-only"), 0.0):
-                    decoders[dataset] = decoder
-                record((dataset, "decode-only"), rate)
-                if decoder == "simplejpeg":
-                    record((dataset, "into batch"), decode_into_batch_rate(images_h5, args.batch_size))
-                for workers in sorted({w for w in args.workers if w > 1}):
-                    record(
-                        (dataset, "decode-only", workers), parallel_decode_rate(images_h5, decoder, workers)
-                    )
-                for aug in args.aug:
-                    for workers in args.workers:
-                        common = [
-                            f"augmentation={aug}",
-                            f"data.image_size={size}",
-                            f"data.num_workers={workers}",
-                            f"data.batch_size={args.batch_size}",
-                            "data.check_images=false",
-                            *args.extra,
-                        ]
-                        cfg = compose_cfg(["data=h5", "data.labels=x", "data.images=x", *common])
-                        key = (dataset, aug, workers)
-                        record(
-                            (*key, "ImageFolder"),
-                            image_folder_rate(tree, cfg, workers, args.batches, args.batch_size),
-                        )
-                        for mode, overrides in modes[dataset].items():
-                            rate, _ = throughput(
-                                [*overrides, *common], args.batches, args.with_prepare, args.channels_last
-                            )
-                            record((*key, mode), rate)
+                time_limits(args, dataset, images_h5, best, decoders)
+                time_loaders(args, dataset, tree, size, modes[dataset], best)
             print(f"round {round_ + 1} of {args.rounds} done, load average {os.getloadavg()}")
     rows = []
     for dataset in datasets:
-        limit = best[(dataset, "decode-only")]
-        parallel = {w: best[(dataset, "decode-only", w)] for w in args.workers if w > 1}
-        print(
-            f"{dataset:28s} {'decode-only (1 process)':24s}                {limit:8.0f} images/s ({decoders[dataset]})"
-        )
-        if (dataset, "into batch") in best:
-            rate = best[(dataset, "into batch")]
-            print(
-                f"{dataset:28s} {'decoded into a batch':24s}                {rate:8.0f} images/s "
-                f"({rate / limit:.2f} of decode-only: what writing batch memory costs here)"
-            )
-        for workers, rate in parallel.items():
-            print(
-                f"{dataset:28s} {f'decode-only ({workers} at once)':24s}                {rate:8.0f} images/s "
-                f"({rate / (limit * workers):.2f} of {workers} x 1 process)"
-            )
-        print(
-            f"{dataset:28s} DataBundle.prepare on this CPU: {costs[dataset]:.1f} us per image (on the device in training)"
-        )
-        rows.append(
-            {
-                "dataset": dataset,
-                "mode": "decode-only",
-                "decoder": decoders[dataset],
-                "images_s": limit,
-                "parallel_images_s": parallel,
-                "into_batch_images_s": best.get((dataset, "into batch")),
-                "prepare_us": costs[dataset],
-            }
-        )
-        for aug in args.aug:
-            for workers in args.workers:
-                base = best[(dataset, aug, workers, "ImageFolder")]
-                together = parallel.get(workers, limit)  # what the loader's processes could decode at once
-                for mode in ["ImageFolder", *modes[dataset]]:
-                    rate = best[(dataset, aug, workers, mode)]
-                    per_core = rate / (limit * max(1, workers))
-                    rows.append(
-                        {"dataset": dataset, "mode": mode, "augmentation": aug, "workers": workers,
-                         "images_s": rate, "vs_imagefolder": rate / base, "of_decode_only_per_core": per_core,
-                         "of_parallel_decode_only": rate / together}
-                    )  # fmt: skip
-                    print(
-                        f"{dataset:28s} {mode:24s} aug={aug:8s} w={workers}  {rate:8.0f} images/s  "
-                        f"x{rate / base:.2f} ImageFolder  {per_core:.2f} of decode-only per core  "
-                        f"{rate / together:.2f} of {max(1, workers)} decoding at once"
-                    )
+        rows.append(report_limits(args, dataset, best, decoders[dataset], costs[dataset]))
+        rows.extend(report_loaders(args, dataset, modes[dataset], best))
     print(f"load average after: {os.getloadavg()}")
     print(json.dumps(rows))
+
+
+def compare_datasets(args, tmp: Path) -> dict[str, tuple[Path, int]]:
+    """The ``--datasets`` as folder trees under ``tmp``: name -> (tree, training image size)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_fashion_tree import SOURCE, make_tree
+
+    datasets = {}
+    if "fashion" in args.datasets and (SOURCE / "train-images-idx3-ubyte.gz").is_file():
+        make_tree(tmp / "fashion", args.per_class)
+        datasets["Fashion-MNIST (28 px PNG)"] = (tmp / "fashion", 32)
+    elif "fashion" in args.datasets:
+        print("Fashion-MNIST missing (apt-get install dataset-fashion-mnist): skipped")
+    if "photos" in args.datasets:
+        photo_tree(tmp / "photos", args.photos)
+        datasets["photo crops (224 px JPEG)"] = (tmp / "photos", 224)
+    return datasets
+
+
+def _record(best: dict[tuple, float], key: tuple, rate: float) -> None:
+    best[key] = max(best.get(key, 0.0), rate)
+
+
+def time_limits(args, dataset: str, images_h5: Path, best: dict, decoders: dict) -> None:
+    """One round of the decode-only references: one process, into a batch (JPEGs), N at once."""
+    rate, decoder = decode_only_rate(images_h5)
+    if rate > best.get((dataset, "decode-only"), 0.0):
+        decoders[dataset] = decoder
+    _record(best, (dataset, "decode-only"), rate)
+    if decoder == "simplejpeg":
+        _record(best, (dataset, "into batch"), decode_into_batch_rate(images_h5, args.batch_size))
+    for workers in sorted({w for w in args.workers if w > 1}):
+        _record(best, (dataset, "decode-only", workers), parallel_decode_rate(images_h5, decoder, workers))
+
+
+def time_loaders(args, dataset: str, tree: Path, size: int, modes: dict[str, list[str]], best: dict) -> None:
+    """One round of ImageFolder and each of our modes, per augmentation and worker count."""
+    for aug in args.aug:
+        for workers in args.workers:
+            common = [
+                f"augmentation={aug}",
+                f"data.image_size={size}",
+                f"data.num_workers={workers}",
+                f"data.batch_size={args.batch_size}",
+                "data.check_images=false",
+                *args.extra,
+            ]
+            cfg = compose_cfg(["data=h5", "data.labels=x", "data.images=x", *common])
+            key = (dataset, aug, workers)
+            _record(
+                best,
+                (*key, "ImageFolder"),
+                image_folder_rate(tree, cfg, workers, args.batches, args.batch_size),
+            )
+            for mode, overrides in modes.items():
+                rate, _ = throughput(
+                    [*overrides, *common], args.batches, args.with_prepare, args.channels_last
+                )
+                _record(best, (*key, mode), rate)
+
+
+def report_limits(args, dataset: str, best: dict, decoder: str, prepare_us: float) -> dict:
+    """Print the dataset's decode-only references; their JSON row."""
+    limit = best[(dataset, "decode-only")]
+    parallel = {w: best[(dataset, "decode-only", w)] for w in args.workers if w > 1}
+    print(f"{dataset:28s} {'decode-only (1 process)':24s}                {limit:8.0f} images/s ({decoder})")
+    if (dataset, "into batch") in best:
+        rate = best[(dataset, "into batch")]
+        print(
+            f"{dataset:28s} {'decoded into a batch':24s}                {rate:8.0f} images/s "
+            f"({rate / limit:.2f} of decode-only: what writing batch memory costs here)"
+        )
+    for workers, rate in parallel.items():
+        print(
+            f"{dataset:28s} {f'decode-only ({workers} at once)':24s}                {rate:8.0f} images/s "
+            f"({rate / (limit * workers):.2f} of {workers} x 1 process)"
+        )
+    print(
+        f"{dataset:28s} DataBundle.prepare on this CPU: {prepare_us:.1f} us per image (on the device in training)"
+    )
+    return {
+        "dataset": dataset,
+        "mode": "decode-only",
+        "decoder": decoder,
+        "images_s": limit,
+        "parallel_images_s": parallel,
+        "into_batch_images_s": best.get((dataset, "into batch")),
+        "prepare_us": prepare_us,
+    }
+
+
+def report_loaders(args, dataset: str, modes: dict[str, list[str]], best: dict) -> list[dict]:
+    """Print each loader's images/s against ImageFolder and the decode-only references; their rows."""
+    limit = best[(dataset, "decode-only")]
+    rows = []
+    for aug in args.aug:
+        for workers in args.workers:
+            base = best[(dataset, aug, workers, "ImageFolder")]
+            together = best.get((dataset, "decode-only", workers), limit)  # what that many decode at once
+            for mode in ["ImageFolder", *modes]:
+                rate = best[(dataset, aug, workers, mode)]
+                per_core = rate / (limit * max(1, workers))
+                rows.append(
+                    {"dataset": dataset, "mode": mode, "augmentation": aug, "workers": workers,
+                     "images_s": rate, "vs_imagefolder": rate / base, "of_decode_only_per_core": per_core,
+                     "of_parallel_decode_only": rate / together}
+                )  # fmt: skip
+                print(
+                    f"{dataset:28s} {mode:24s} aug={aug:8s} w={workers}  {rate:8.0f} images/s  "
+                    f"x{rate / base:.2f} ImageFolder  {per_core:.2f} of decode-only per core  "
+                    f"{rate / together:.2f} of {max(1, workers)} decoding at once"
+                )
+    return rows
 
 
 def main() -> None:

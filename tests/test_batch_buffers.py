@@ -374,3 +374,27 @@ def test_fill_takes_an_image_written_into_its_row_as_it_is_and_copies_other_view
         assert torch.equal(batch[0], images[0])
         assert torch.equal(batch[1], images[1]) and torch.equal(batch[3], images[3])
         assert torch.equal(batch[2], images[2].transpose(1, 2))
+
+
+def test_a_store_whose_read_takes_no_row_is_called_without_one(sized):
+    """A store without ``decodes_into_rows`` (one written before stores could decode into a batch row)
+    is called as ``read(row, identifier)``, also through the crash trace, and its batches are right."""
+    from linnaeus.data.faults import install_crash_trace
+    from linnaeus.data.images import H5ImageStore
+
+    class TwoArgumentStore:
+        def __init__(self, inner: H5ImageStore) -> None:
+            self.inner = inner
+
+        def read(self, row: int, identifier: str) -> torch.Tensor:
+            return self.inner.read(row, identifier)
+
+    expected = sized_data(sized, "none", "1.0", 0, channels_last=True)
+    data = sized_data(sized, "none", "1.0", 0, channels_last=True)
+    taxa = data.train_loader.dataset
+    taxa.store = TwoArgumentStore(taxa.store)
+    install_crash_trace(taxa)
+    for each in (expected, data):
+        each.train_batches.set_epoch(0)
+    for a, b in zip(expected.train_loader, data.train_loader, strict=True):
+        assert torch.equal(a["images"], b["images"])

@@ -113,8 +113,7 @@ class RamImageStore:
             self._pid = os.getpid()
         return self._images
 
-    def read(self, row: int, identifier: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        # ``out`` is no use here: the image is in memory already, and the batch copies it
+    def read(self, row: int, identifier: str) -> torch.Tensor:
         return torch.from_numpy(self._array()[int(np.searchsorted(self.rows, row))]).permute(2, 0, 1)
 
     def __getstate__(self) -> dict:

@@ -71,7 +71,9 @@ class TaxonDataset(Dataset):
         try:
             if self.encoded is not None:
                 return torch.from_numpy(np.array(self.store.read_encoded(row, identifier)))
-            return self.store.read(row, identifier, out)
+            if out is not None and getattr(self.store, "decodes_into_rows", False):
+                return self.store.read(row, identifier, out)
+            return self.store.read(row, identifier)
         except BadImageError as err:
             raise BadImageError(f"{err}. {BAD_IMAGE_HINT}") from err
 

@@ -60,7 +60,7 @@ class TracedStore:
         return result
 
     def read(self, row: int, identifier: str, out: torch.Tensor | None = None):
-        return self._traced("read", row, identifier, out)
+        return self._traced("read", row, identifier, *(() if out is None else (out,)))
 
     def read_encoded(self, row: int, identifier: str):
         return self._traced("read_encoded", row, identifier)

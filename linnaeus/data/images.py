@@ -180,9 +180,12 @@ def decode_bytes(
 
 
 class _SizedReads:
-    """``min_side`` for a store's decodes, settable per dataset with ``with_min_side``."""
+    """``min_side`` for a store's decodes, settable per dataset with ``with_min_side``; ``read`` takes
+    the batch row the image goes to (``out``, see ``decode_bytes``). A store without
+    ``decodes_into_rows`` is called as ``read(row, identifier)``."""
 
     min_side: int | None = None
+    decodes_into_rows = True
 
     def with_min_side(self, min_side: int | None):
         """This store, decoding JPEGs for consumers that need a short side of ``min_side`` (shares the file)."""
