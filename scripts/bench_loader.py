@@ -422,18 +422,22 @@ def time_limits(args, dataset: str, images_h5: Path, best: dict, decoders: dict)
         _record(best, (dataset, "decode-only", workers), parallel_decode_rate(images_h5, decoder, workers))
 
 
+def loader_overrides(args, aug: str, workers: int) -> list[str]:
+    """The overrides of one timed setting: augmentation, workers, batch size, ``--extra`` last."""
+    return [
+        f"augmentation={aug}",
+        f"data.num_workers={workers}",
+        f"data.batch_size={args.batch_size}",
+        "data.check_images=false",
+        *args.extra,
+    ]
+
+
 def time_loaders(args, dataset: str, tree: Path, size: int, modes: dict[str, list[str]], best: dict) -> None:
     """One round of ImageFolder and each of our modes, per augmentation and worker count."""
     for aug in args.aug:
         for workers in args.workers:
-            common = [
-                f"augmentation={aug}",
-                f"data.image_size={size}",
-                f"data.num_workers={workers}",
-                f"data.batch_size={args.batch_size}",
-                "data.check_images=false",
-                *args.extra,
-            ]
+            common = [f"data.image_size={size}", *loader_overrides(args, aug, workers)]
             cfg = compose_cfg(["data=h5", "data.labels=x", "data.images=x", *common])
             key = (dataset, aug, workers)
             _record(
@@ -560,14 +564,7 @@ def main() -> None:
         for dataset, data_overrides in datasets.items():
             for aug in args.aug:
                 for workers in args.workers:
-                    overrides = [
-                        *data_overrides,
-                        f"augmentation={aug}",
-                        f"data.num_workers={workers}",
-                        f"data.batch_size={args.batch_size}",
-                        "data.check_images=false",
-                        *args.extra,
-                    ]
+                    overrides = [*data_overrides, *loader_overrides(args, aug, workers)]
                     rate, size = throughput(overrides, args.batches, args.with_prepare)
                     rows.append(
                         {

@@ -59,8 +59,8 @@ class TracedStore:
         self.slots[slot, 1] = -1
         return result
 
-    def read(self, row: int, identifier: str, out: torch.Tensor | None = None):
-        return self._traced("read", row, identifier, *(() if out is None else (out,)))
+    def read(self, row: int, identifier: str, *out: torch.Tensor):
+        return self._traced("read", row, identifier, *out)  # the batch row only when the caller gives one
 
     def read_encoded(self, row: int, identifier: str):
         return self._traced("read_encoded", row, identifier)

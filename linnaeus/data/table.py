@@ -256,9 +256,9 @@ def _found_ranks(columns: _Columns) -> list[str]:
         if rank is not None and rank not in found and h not in columns.used:
             found[rank] = h
     if "species" not in found:
-        species = next((columns.free(alias) for alias in SPECIES_ALIASES if columns.free(alias)), None)
-        if species is not None:
-            found["species"] = species
+        species = [h for h in map(columns.free, SPECIES_ALIASES) if h is not None]
+        if species:
+            found["species"] = species[0]
     if not found:
         raise DatasetError(
             f"{columns.file}: no rank columns found (e.g. order, family, genus, species or scientific_name); "
