@@ -22,7 +22,9 @@ that only decodes the same bytes, from memory, with the fastest decoder at hand 
 ``decode_image``, and simplejpeg for JPEGs), and for each worker count above one, as many such
 processes decoding at once (what that many cores can decode together: the per-core limit with every
 core busy, which on a VM is below the one-process limit); for JPEGs also one process decoding
-straight into the rows of a reused batch (what writing batch memory adds). Datasets: Fashion-MNIST
+straight into the rows of a reused batch (what writing batch memory adds), and the microseconds
+per image our loader spends besides decoding (one process, the decoder left out: what our own code
+costs, whatever the decoder's speed on the day). Datasets: Fashion-MNIST
 as a folder tree (``scripts/make_fashion_tree.py``; 28 px grayscale PNGs, trained at 32 px) and
 seeded random crops of the photographs that ship inside scikit-image, resized to 224 x 224 and
 encoded as JPEG quality 90 (trained at 224 px; ``pip install -e .[bench]``). With ``--channels-last``
@@ -275,6 +277,49 @@ def _decode_in_parallel(images_h5: Path, decoder: str, repeats: int, start, rate
     rates.put(repeats * len(files) / (time.perf_counter() - begin))
 
 
+class _NoDecode:
+    """Stands in for simplejpeg inside ``linnaeus.data.images``: hands back pixels without decoding
+    (the batch row it is given, else a reused array of the output size), so that timing a batch
+    measures only what our loader does around the decoder."""
+
+    def __init__(self, real) -> None:
+        self.real, self.pixels = real, {}
+
+    def decode_jpeg(self, data, colorspace="RGB", buffer=None, min_height=0, min_width=0, **_):
+        if buffer is not None:
+            return buffer
+        height, width = min_height, min_width
+        if not height:
+            height, width, *_ = self.real.decode_jpeg_header(data)
+        return self.pixels.setdefault((height, width), np.zeros((height, width, 3), dtype=np.uint8))
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def outside_decoder_us(overrides: list[str], channels_last: bool, repeats: int = 5) -> float:
+    """Microseconds per image our loader (one process) spends on a training batch of JPEGs besides
+    decoding them: reading the bytes, the transform, writing the batch (the decoder replaced by
+    ``_NoDecode``)."""
+    from linnaeus.data import images
+
+    cfg = compose_cfg(overrides)
+    data = build_data(cfg.data, cfg.augmentation, run_dir=None, seed=0, channels_last=channels_last)
+    data.train_batches.set_epoch(0)
+    dataset, keys = data.train_loader.dataset, next(iter(data.train_batches))
+    real, images.simplejpeg = images.simplejpeg, _NoDecode(images.simplejpeg)
+    try:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(10):
+                dataset.__getitems__(keys)
+            best = min(best, (time.perf_counter() - start) / 10)
+    finally:
+        images.simplejpeg = real
+    return best / len(keys) * 1e6
+
+
 def parallel_decode_rate(images_h5: Path, decoder: str, processes: int, repeats: int = 2) -> float:
     """``processes`` processes decoding the dataset's bytes at once, each as ``decode_only_rate`` does
     with ``decoder``: their images/s summed. What ``processes`` cores decode together; on a VM, or
@@ -380,6 +425,10 @@ def compare(args) -> None:
                 images_h5 = tmp / f"{tree.name}_built" / "h5" / "images.h5"
                 time_limits(args, dataset, images_h5, best, decoders)
                 time_loaders(args, dataset, tree, size, modes[dataset], best)
+                if decoders[dataset] == "simplejpeg":
+                    around = [*modes[dataset]["images.h5 contiguous"], f"data.image_size={size}"]
+                    us = outside_decoder_us([*around, *loader_overrides(args, "none", 0)], args.channels_last)
+                    _record(best, (dataset, "outside decoder"), -us)  # the least cost is the best
             print(f"round {round_ + 1} of {args.rounds} done, load average {os.getloadavg()}")
     rows = []
     for dataset in datasets:
@@ -407,7 +456,7 @@ def compare_datasets(args, tmp: Path) -> dict[str, tuple[Path, int]]:
 
 
 def _record(best: dict[tuple, float], key: tuple, rate: float) -> None:
-    best[key] = max(best.get(key, 0.0), rate)
+    best[key] = max(best.get(key, float("-inf")), rate)
 
 
 def time_limits(args, dataset: str, images_h5: Path, best: dict, decoders: dict) -> None:
@@ -471,6 +520,12 @@ def report_limits(args, dataset: str, best: dict, decoder: str, prepare_us: floa
     print(
         f"{dataset:28s} DataBundle.prepare on this CPU: {prepare_us:.1f} us per image (on the device in training)"
     )
+    outside = -best[(dataset, "outside decoder")] if (dataset, "outside decoder") in best else None
+    if outside is not None:
+        print(
+            f"{dataset:28s} our loader besides decoding: {outside:.1f} us per image "
+            "(images.h5 contiguous, aug=none, one process, decoder left out)"
+        )
     return {
         "dataset": dataset,
         "mode": "decode-only",
@@ -479,6 +534,7 @@ def report_limits(args, dataset: str, best: dict, decoder: str, prepare_us: floa
         "parallel_images_s": parallel,
         "into_batch_images_s": best.get((dataset, "into batch")),
         "prepare_us": prepare_us,
+        "outside_decoder_us": outside,
     }
 
 

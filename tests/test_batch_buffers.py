@@ -360,6 +360,34 @@ def test_images_decoded_into_channels_last_rows_equal_contiguous_batches(sized, 
         assert 0 < sum(into_rows) < len(into_rows) / 2
 
 
+@pytest.mark.parametrize("channels, height, width", [(3, 64, 64), (3, 224, 200), (3, 9, 7), (1, 80, 72)])
+def test_copy_image_writes_what_torchs_copy_writes_for_every_layout(channels, height, width):
+    """``copy_image`` (NumPy's strided copy for large transpositions) leaves a row exactly as
+    ``Tensor.copy_`` does: images over (H, W, C) memory, boxes of a larger such image, planar images,
+    uint8 and float, into planar rows, channels-last rows and rows of another dtype; the neighbouring
+    rows stay as they were."""
+    from linnaeus.data.buffers import copy_image
+
+    generator = torch.Generator().manual_seed(channels * height + width)
+    pixels = torch.randint(0, 256, (2 * height, 2 * width, channels), dtype=torch.uint8, generator=generator)
+    sources = [
+        pixels[:height, :width].contiguous().permute(2, 0, 1),  # as decoders return pixels
+        pixels[3 : 3 + height, 5 : 5 + width].permute(2, 0, 1),  # a crop box of such an image
+        pixels[:height, :width].permute(2, 0, 1).contiguous(),  # planar
+    ]
+    sources += [source.float() / 255 for source in sources]
+    for source in sources:
+        for dtype in (torch.uint8, torch.float32):
+            for layout in (torch.contiguous_format, torch.channels_last):
+                batch = torch.full((3, channels, height, width), 7, dtype=dtype).contiguous(
+                    memory_format=layout
+                )
+                expected = batch.clone()
+                expected[1].copy_(source)
+                copy_image(batch[1], source)
+                assert torch.equal(batch, expected), (source.stride(), dtype, layout)
+
+
 def test_fill_takes_an_image_written_into_its_row_as_it_is_and_copies_other_views_off_first():
     images = [torch.randint(0, 256, (3, 4, 4), dtype=torch.uint8) for _ in range(4)]
 

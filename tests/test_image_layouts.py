@@ -267,11 +267,17 @@ def test_a_jpeg_of_the_rows_size_decodes_straight_into_the_row():
     cmyk = io.BytesIO()
     Image.fromarray(array).convert("CMYK").save(cmyk, format="JPEG", quality=95)
     planar = torch.zeros(3, 48, 40, dtype=torch.uint8)
+    square = photo(40, 40, seed=16)
+    square_row = torch.zeros(1, 3, 40, 40, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)[0]
     others = [
         (encode(photo(50, 40, seed=14), "JPEG", quality=90), None, row),  # another size
         (encode(array, "PNG"), None, row),
         (encode(array, "JPEG", quality=90), None, planar),  # (3, H, W) memory: no decoder writes that
         (encode(array, "JPEG", quality=90), None, batch[1, :2]),  # not 3 channels
+        (encode(array, "JPEG", quality=90), None, batch[1].float()),  # not uint8
+        (encode(array, "JPEG", quality=90), None, batch[1, 0]),  # not 3-D
+        (encode(array, "JPEG", quality=90), None, torch.zeros(48, 40, 3, dtype=torch.uint8)),  # (H, W, 3)
+        (encode(square, "JPEG", quality=90), None, square_row.transpose(1, 2)),  # rows and columns swapped
     ]
     for data, min_side, out in others:
         got = decode_bytes(data, min_side, out=out)

@@ -35,6 +35,7 @@ import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
@@ -42,6 +43,7 @@ _POOLS: weakref.WeakValueDictionary[int, BatchBuffers] = weakref.WeakValueDictio
 _IDS = itertools.count()
 _TOKENS = itertools.count()
 INLINE_BYTES = 1 << 16  # larger tensors go through shared memory, as PyTorch sends them
+NUMPY_TRANSPOSE_MIN = 3 * 64 * 64  # uint8 images from this many values transpose faster through NumPy
 
 
 def _storage_uses(tensor: torch.Tensor) -> int:
@@ -114,6 +116,24 @@ def travelling(tensor: torch.Tensor) -> torch.Tensor | Inline:
     if get_worker_info() is None or tensor.numel() * tensor.element_size() > INLINE_BYTES:
         return tensor
     return Inline(tensor)
+
+
+def copy_image(row: torch.Tensor, image: torch.Tensor) -> None:
+    """``row.copy_(image)`` for a CPU image of ``row``'s shape. A uint8 image over (H, W, C) memory
+    (as decoders return pixels) going into a planar row is a transposition, which NumPy's strided copy
+    does in about half of torch's time from 64 px on (63 against 125 us at 224 px on a 2-core VM)."""
+    if (
+        image.dtype == row.dtype == torch.uint8
+        and image.numel() >= NUMPY_TRANSPOSE_MIN
+        and row.is_contiguous()
+        and not image.is_contiguous()
+    ):
+        try:
+            np.copyto(row.numpy(), image.numpy())
+            return
+        except TypeError:  # not in CPU memory after all
+            pass
+    row.copy_(image)
 
 
 class BatchBuffers:
@@ -213,10 +233,13 @@ class BatchBuffers:
         first = sample(0, None)
         out, lease = self.take((count, *first.shape), first.dtype)
         try:
-            out[0].copy_(first)
+            rows = out.unbind(0)
+            copy_image(rows[0], first)
             for k in range(1, count):
-                row = out[k]
+                row = rows[k]
                 image = sample(k, row)
+                if image is row:
+                    continue  # decoded into its row
                 if image.shape != first.shape:
                     raise ValueError(
                         f"the images of one batch must have one size; image {k} is {tuple(image.shape)}, "
@@ -226,7 +249,7 @@ class BatchBuffers:
                     continue  # written in place
                 if image.untyped_storage().data_ptr() == row.untyped_storage().data_ptr():
                     image = image.clone()  # some other view of the batch's memory: copy it off first
-                row.copy_(image)
+                copy_image(row, image)
         except BaseException:  # e.g. a bad image: the batch never leaves, so its slot is free again
             if lease is not None:
                 if lease.memory is not None:

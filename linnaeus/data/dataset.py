@@ -7,6 +7,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from linnaeus.data.buffers import BatchBuffers, travelling
@@ -56,10 +57,22 @@ class TaxonDataset(Dataset):
         self.meta = {k: torch.as_tensor(v) for k, v in meta.items()}
         self.meta_valid = {k: torch.as_tensor(v) for k, v in meta_valid.items()}
         self.transform = transform
+        # the transform's own ``forward`` for a module (ours hold no hooks): nn.Module's call machinery
+        # costs a few us per image
+        self._apply = transform.forward if isinstance(transform, nn.Module) else transform
         self.seed = seed
         self.encoded = encoded
         self.seeded = transform is not None and not is_deterministic(transform)
         self.buffers = buffers if buffers is not None else BatchBuffers()
+
+    @property
+    def store(self) -> H5ImageStore | FolderImageStore:
+        return self._store
+
+    @store.setter
+    def store(self, store: H5ImageStore | FolderImageStore) -> None:  # e.g. the crash trace's wrapper
+        self._store = store
+        self._into_rows = getattr(store, "decodes_into_rows", False)  # looked up once, not per image
 
     def __len__(self) -> int:
         return len(self.identifiers)
@@ -71,7 +84,7 @@ class TaxonDataset(Dataset):
         try:
             if self.encoded is not None:
                 return torch.from_numpy(np.array(self.store.read_encoded(row, identifier)))
-            if out is not None and getattr(self.store, "decodes_into_rows", False):
+            if out is not None and self._into_rows:
                 return self.store.read(row, identifier, out)
             return self.store.read(row, identifier)
         except BadImageError as err:
@@ -89,7 +102,7 @@ class TaxonDataset(Dataset):
         image = self._read(index, out)
         if self.seeded and epoch is not None:
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-        return self.transform(image)
+        return self._apply(image)
 
     def _image(self, index: int, epoch: int | None) -> torch.Tensor:
         if self.encoded is not None:

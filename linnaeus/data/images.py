@@ -39,9 +39,15 @@ class BadImageError(UserError, RuntimeError):
     """An image is missing or cannot be decoded."""
 
 
+JPEG_START = b"\xff\xd8\xff"  # start-of-image marker and the first byte of the next marker
+
+
 def is_jpeg(data: bytes | np.ndarray | torch.Tensor) -> bool:
-    head = data[:3].tolist() if isinstance(data, torch.Tensor) else bytes(data[:3])
-    return len(head) == 3 and head[0] == 0xFF and head[1] == 0xD8 and head[2] == 0xFF
+    if isinstance(data, np.ndarray):
+        return data[:3].tobytes() == JPEG_START
+    if isinstance(data, torch.Tensor):
+        return bytes(data[:3].tolist()) == JPEG_START
+    return bytes(data[:3]) == JPEG_START
 
 
 def jpeg_size(data) -> tuple[int, int] | None:
@@ -140,12 +146,15 @@ def _decode_jpeg(
 def writable_pixels(out: torch.Tensor | None) -> np.ndarray | None:
     """The (H, W, 3) uint8 array a decoder can write ``out``'s pixels into: ``out`` must be a (3, H, W)
     uint8 CPU tensor over contiguous (H, W, 3) memory (a row of a channels-last batch); else None."""
-    if out is None or out.dtype != torch.uint8 or out.dim() != 3:
+    if out is None:
         return None
-    channels, _, width = out.shape
-    if channels != 3 or out.stride() != (1, 3 * width, 3) or out.device.type != "cpu":
+    try:  # cheaper than asking the tensor: this runs once per image
+        pixels = out.numpy().transpose(1, 2, 0)
+    except (TypeError, RuntimeError, ValueError):  # not on the CPU, needs grad, not 3-D
         return None
-    return out.numpy().transpose(1, 2, 0)
+    if pixels.dtype != np.uint8 or pixels.shape[2] != 3 or not pixels.flags.c_contiguous:
+        return None
+    return pixels
 
 
 def decode_bytes(
