@@ -204,6 +204,45 @@ def test_ram_cache_gives_the_same_images_as_no_cache(dataset, tmp_path, channels
             assert torch.equal(mine.read(row, ""), theirs.read(row, ""))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ram_cache_holds_a_fixed_crop_as_it_crops_and_trains_on_the_same_pixels(dataset, tmp_path, workers):
+    """With the fixed crop of ``augmentation=none`` (augmenting on the CPU) the cache holds each
+    training image's centre square at the training size, as the crop makes it: every training and
+    validation batch equals the uncached loader's, the training array is 32 px (not the 37 px load
+    size) and its images come back untouched by the crop. An explicit ``augmentation.load_size``
+    still sets the cached size."""
+    _, plain = data_for(dataset, "augmentation=none")
+    _, cached = data_for(
+        dataset, "augmentation=none", "data.cache=ram", f"data.ram_cache_dir={tmp_path}", workers=workers
+    )
+    sizes = sorted(f.stat().st_size for f in tmp_path.glob("linnaeus-cache-*.u8"))
+    assert sizes == sorted([cached.num_train * 3 * 32 * 32, cached.num_val * 3 * 32 * 32])
+    for epoch in (0, 1):
+        plain.train_batches.set_epoch(epoch)
+        cached.train_batches.set_epoch(epoch)
+        pairs = list(zip(plain.train_loader, cached.train_loader, strict=True))
+        assert len(pairs) == 2
+        for a, b in pairs:
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["images"], b["images"])
+    for a, b in zip(plain.val_loader, cached.val_loader, strict=True):
+        assert torch.equal(a["images"], b["images"])
+    train = cached.train_loader.dataset
+    image = train.store.read(int(train.store.rows[0]), "")
+    assert train._apply(image) is image  # the crop has nothing left to do
+
+    explicit = tmp_path / "explicit"
+    explicit.mkdir()
+    _, sized = data_for(
+        dataset,
+        "augmentation=none",
+        "augmentation.load_size=37",
+        "data.cache=ram",
+        f"data.ram_cache_dir={explicit}",
+    )
+    sizes = sorted(f.stat().st_size for f in explicit.glob("linnaeus-cache-*.u8"))
+    assert sizes == sorted([sized.num_train * 3 * 37 * 37, sized.num_val * 3 * 32 * 32])
+
+
 def test_ram_cache_memory_budget_error(dataset, tmp_path):
     store = H5ImageStore(dataset / "images.h5")
     ids = np.array([f"{i}" for i in range(N)], dtype=object)

@@ -1,7 +1,9 @@
 """``data.cache=ram``: every image decoded once, at the size its loader uses, into shared uint8 arrays.
 
 One array per split: training images (N, 3, L, L) at the load size L (``augmentation.load_size``,
-default image_size / 0.875), validation images (M, 3, S, S) exactly as validation crops them, each
+default image_size / 0.875; with a fixed crop, ``augmentation=none``, the centre square at the
+training size, exactly as the crop makes it, so that no step resizes), validation images
+(M, 3, S, S) exactly as validation crops them, each
 image stored (L, L, 3) as decoders return pixels: the training crop's resize then takes the fast uint8
 path (84 us against 216 us for a 256 -> 224 px resize from (3, L, L) memory on a 2-core VM), and a
 channels-last batch (training on a GPU) is written with a plain copy. Each is a file under ``data.ram_cache_dir`` (default ``/dev/shm``, i.e. memory), named by a key of the images
@@ -34,7 +36,7 @@ import torch
 
 from linnaeus.data.images import FolderImageStore, H5ImageStore, map_file
 from linnaeus.data.labels import DatasetError
-from linnaeus.data.transforms import build_resize_crop
+from linnaeus.data.transforms import ResizedCrop, build_resize_crop
 from linnaeus.rundir import pid_alive
 
 log = logging.getLogger(__name__)
@@ -44,12 +46,17 @@ WAIT_GRACE_S = 120.0  # a waiting rank gives up when no rank has started filling
 
 
 def cache_key(
-    store: H5ImageStore | FolderImageStore, rows: np.ndarray, identifiers: list[str], resize: int, crop: int
+    store: H5ImageStore | FolderImageStore,
+    rows: np.ndarray,
+    identifiers: list[str],
+    resize: int,
+    crop: int,
+    square: bool = False,
 ) -> str:
     """A name for the cached array of these rows of this source at this geometry."""
     source = Path(store.root if isinstance(store, FolderImageStore) else store.path).resolve()
     stat = source.stat()
-    text = f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{resize}|{crop}|v{CACHE_VERSION}"
+    text = f"{source}|{stat.st_size}|{stat.st_mtime_ns}|{resize}|{crop}|v{CACHE_VERSION}{'|square' * square}"
     digest = hashlib.sha256(text.encode())
     digest.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
     digest.update("\0".join(identifiers).encode())
@@ -83,12 +90,21 @@ def check_budget(needed: int, available: int, what: str, directory: Path) -> Non
 
 @dataclass(frozen=True)
 class CachePart:
-    """Rows of a store to cache, each resized (short side) to ``resize`` and centre-cropped to ``crop``."""
+    """Rows of a store to cache, each resized (short side) to ``resize`` and centre-cropped to ``crop``;
+    with ``square``, each image's centre square resized to ``crop`` (what the fixed training crop,
+    ``ResizedCrop`` with scale = ratio = (1, 1), makes of it; decoded for a short side of ``resize``)."""
 
     image_rows: np.ndarray
     identifiers: np.ndarray
     resize: int
     crop: int
+    square: bool = False
+
+    def load(self):
+        """The transform that makes a decoded image what this part caches."""
+        if self.square:
+            return ResizedCrop(self.crop, (1.0, 1.0), (1.0, 1.0))
+        return build_resize_crop(self.resize, self.crop)
 
 
 class RamImageStore:
@@ -132,9 +148,7 @@ def _fill_init(
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     shape = (len(rows), part.crop, part.crop, 3)
-    _FILL.update(
-        store=store, rows=rows, identifiers=identifiers, load=build_resize_crop(part.resize, part.crop)
-    )
+    _FILL.update(store=store, rows=rows, identifiers=identifiers, load=part.load())
     _FILL["images"] = np.memmap(file, dtype=np.uint8, mode="r+", shape=shape)
 
 
@@ -199,7 +213,7 @@ def build_ram_cache(
     for part in parts:
         rows, first = np.unique(np.asarray(part.image_rows, dtype=np.int64), return_index=True)
         names = [str(part.identifiers[i]) for i in first]
-        key = cache_key(store, rows, names, part.resize, part.crop)
+        key = cache_key(store, rows, names, part.resize, part.crop, part.square)
         final = directory / f"linnaeus-cache-{key}.u8"
         needed = len(rows) * 3 * part.crop * part.crop
         plans.append((part, rows, names, final, needed, final.is_file() and final.stat().st_size == needed))

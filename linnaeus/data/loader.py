@@ -24,6 +24,7 @@ from linnaeus.data.samplers import GroupedBatchSampler, RandomBatchSampler
 from linnaeus.data.split import load_or_make_split
 from linnaeus.data.taxonomy import Taxonomy, build_taxonomy
 from linnaeus.data.transforms import (
+    ResizedCrop,
     StepImageTransform,
     build_eval_load_transform,
     build_image_transforms,
@@ -231,8 +232,16 @@ def split_stores(data_cfg, aug_cfg, store, table, image_rows: np.ndarray, split,
             store.with_min_side(eval_resize),
             build_eval_load_transform(size, data_cfg.val_crop_pct),
         )
+    train_part = CachePart(image_rows[train_idx], table.identifiers[train_idx], load_size, load_size)
+    if (
+        aug_cfg.device == "cpu"
+        and aug_cfg.load_size is None
+        and ResizedCrop(size, aug_cfg.scale, aug_cfg.ratio).fixed
+    ):
+        # the fixed crop (augmentation=none) is cached as it crops, so no training step resizes
+        train_part = CachePart(train_part.image_rows, train_part.identifiers, size, size, square=True)
     parts = [
-        CachePart(image_rows[train_idx], table.identifiers[train_idx], load_size, load_size),
+        train_part,
         CachePart(image_rows[val_idx], table.identifiers[val_idx], eval_resize, size),
     ]
     train_store, val_store = ram_cache_stores(data_cfg, store, parts, world_size, local_rank)
