@@ -57,13 +57,21 @@ class TaxonDataset(Dataset):
         self.meta = {k: torch.as_tensor(v) for k, v in meta.items()}
         self.meta_valid = {k: torch.as_tensor(v) for k, v in meta_valid.items()}
         self.transform = transform
-        # the transform's own ``forward`` for a module (ours hold no hooks): nn.Module's call machinery
-        # costs a few us per image
-        self._apply = transform.forward if isinstance(transform, nn.Module) else transform
         self.seed = seed
         self.encoded = encoded
-        self.seeded = transform is not None and not is_deterministic(transform)
         self.buffers = buffers if buffers is not None else BatchBuffers()
+
+    @property
+    def transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self._transform
+
+    @transform.setter
+    def transform(self, transform: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        self._transform = transform
+        # a module's own ``forward`` (ours hold no hooks): nn.Module's call machinery costs a few us
+        # per image
+        self._apply = transform.forward if isinstance(transform, nn.Module) else transform
+        self.seeded = transform is not None and not is_deterministic(transform)
 
     @property
     def store(self) -> H5ImageStore | FolderImageStore:
