@@ -428,7 +428,8 @@ def compare(args) -> None:
                 if decoders[dataset] == "simplejpeg":
                     around = [*modes[dataset]["images.h5 contiguous"], f"data.image_size={size}"]
                     us = outside_decoder_us([*around, *loader_overrides(args, "none", 0)], args.channels_last)
-                    _record(best, (dataset, "outside decoder"), -us)  # the least cost is the best
+                    key = (dataset, "outside decoder")
+                    best[key] = min(best.get(key, us), us)  # a cost: the least is the best
             print(f"round {round_ + 1} of {args.rounds} done, load average {os.getloadavg()}")
     rows = []
     for dataset in datasets:
@@ -456,7 +457,7 @@ def compare_datasets(args, tmp: Path) -> dict[str, tuple[Path, int]]:
 
 
 def _record(best: dict[tuple, float], key: tuple, rate: float) -> None:
-    best[key] = max(best.get(key, float("-inf")), rate)
+    best[key] = max(best.get(key, 0.0), rate)
 
 
 def time_limits(args, dataset: str, images_h5: Path, best: dict, decoders: dict) -> None:
@@ -520,7 +521,7 @@ def report_limits(args, dataset: str, best: dict, decoder: str, prepare_us: floa
     print(
         f"{dataset:28s} DataBundle.prepare on this CPU: {prepare_us:.1f} us per image (on the device in training)"
     )
-    outside = -best[(dataset, "outside decoder")] if (dataset, "outside decoder") in best else None
+    outside = best.get((dataset, "outside decoder"))
     if outside is not None:
         print(
             f"{dataset:28s} our loader besides decoding: {outside:.1f} us per image "

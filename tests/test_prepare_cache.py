@@ -20,7 +20,14 @@ from linnaeus.data.images import BadImageError, H5ImageStore
 from linnaeus.data.labels import DatasetError
 from linnaeus.data.loader import build_data
 from linnaeus.data.prepare import EncodedImages, PrepareBatch
-from linnaeus.data.transforms import Flip, build_eval_transform, build_train_augment, sample_seed, seeded_rng
+from linnaeus.data.transforms import (
+    Flip,
+    Pipeline,
+    build_eval_transform,
+    build_train_augment,
+    sample_seed,
+    seeded_rng,
+)
 from linnaeus.data.writer import write_images_h5, write_labels_h5
 from tests.test_augment import compose_cfg
 from tests.test_image_layouts import encode, photo
@@ -229,10 +236,6 @@ def test_ram_cache_holds_a_fixed_crop_as_it_crops_and_trains_on_the_same_pixels(
     train = cached.train_loader.dataset
     image = train.store.read(int(train.store.rows[0]), "")
     assert train._apply(image) is image  # the crop has nothing left to do
-    keys = [(int(i), 0) for i in train.store.rows[:4]]
-    before = train.__getitems__(keys)["images"].clone()
-    train.transform = Flip(1.0, dim=-1)  # a transform set later is the one applied, and seeded
-    assert train.seeded and torch.equal(train.__getitems__(keys)["images"], before.flip(-1))
 
     explicit = tmp_path / "explicit"
     explicit.mkdir()
@@ -245,6 +248,15 @@ def test_ram_cache_holds_a_fixed_crop_as_it_crops_and_trains_on_the_same_pixels(
     )
     sizes = sorted(f.stat().st_size for f in explicit.glob("linnaeus-cache-*.u8"))
     assert sizes == sorted([sized.num_train * 3 * 37 * 37, sized.num_val * 3 * 32 * 32])
+
+
+def test_a_transform_set_after_construction_is_the_one_applied_and_seeded(dataset):
+    _, data = data_for(dataset, "augmentation=none")
+    train = data.train_loader.dataset
+    keys = [(i, 0) for i in range(4)]
+    before = train.__getitems__(keys)["images"].clone()
+    train.transform = Pipeline([train.transform, Flip(1.0, dim=-1)])  # the crop to 32 px, then a flip
+    assert train.seeded and torch.equal(train.__getitems__(keys)["images"], before.flip(-1))
 
 
 def test_ram_cache_memory_budget_error(dataset, tmp_path):
