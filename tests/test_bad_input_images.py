@@ -6,18 +6,20 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from linnaeus.config import register_configs
 from linnaeus.data.check import apply_bad_image_policy, find_bad_images
 from linnaeus.data.dataset import TaxonDataset
-from linnaeus.data.faults import describe_worker_crash, install_crash_trace, is_worker_crash
+from linnaeus.data.faults import TracedStore, describe_worker_crash, install_crash_trace, is_worker_crash
 from linnaeus.data.images import FolderImageStore
 from linnaeus.data.labels import DatasetError
 from tests.bad_input_helpers import (
@@ -158,6 +160,61 @@ def test_worker_crash_names_the_image_being_decoded(crash_folder):
     assert f"while decoding image '005.png' ({store.root / '005.png'}), which is probably damaged" in message
     assert "python -m linnaeus.data.verify DIR" in message and "data.bad_images=drop" in message
     assert "\n" not in message
+
+
+class _TablePeek:
+    """A store whose read returns (its process id, its worker id, the trace table during the read)."""
+
+    traced: TracedStore | None = None
+
+    def read(self, row, identifier, *out):
+        info = get_worker_info()
+        return os.getpid(), -1 if info is None else info.id, self.traced.slots.clone()
+
+
+class _ReadEach(Dataset):
+    def __init__(self, store, n: int) -> None:
+        self.store, self.n = store, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return self.store.read(index, f"x{index}")
+
+
+def _traced_peek() -> TracedStore:
+    peek = _TablePeek()
+    peek.traced = TracedStore(peek, torch.full((5, 2), -1, dtype=torch.int64).share_memory_())
+    return peek.traced
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_crash_trace_holds_each_process_pid_and_the_row_it_is_reading(workers):
+    traced = _traced_peek()
+    loader = DataLoader(_ReadEach(traced, 12), batch_size=None, num_workers=workers)
+    seen = list(loader)
+    assert len(seen) == 12
+    for row, (pid, worker, table) in enumerate(seen):
+        slot = len(table) - 1 if worker < 0 else worker
+        assert table[slot].tolist() == [pid, row]  # during the read: this process's pid and row
+        assert (workers == 0) == (pid == os.getpid())
+    assert {pid for pid, _, _ in seen} == (
+        {os.getpid()} if workers == 0 else {p for p, w, _ in seen if w >= 0}
+    )
+    assert len({pid for pid, _, _ in seen}) == max(1, workers)
+    assert (traced.slots[:, 1] == -1).all()  # after the reads, no row is marked
+
+
+def test_crash_trace_travels_without_its_process_view():
+    traced = _traced_peek()
+    traced.read(3, "x3")  # claims the main process's slot
+    assert traced._pid == os.getpid() and traced._rows is not None
+    copy = pickle.loads(pickle.dumps(traced))
+    assert copy._pid == -1 and copy._rows is None and copy._slot == -1
+    copy.inner.traced = copy
+    pid, worker, table = copy.read(4, "x4")
+    assert worker == -1 and table[-1].tolist() == [pid, 4] and copy.slots[-1, 1] == -1
 
 
 def test_worker_crash_without_a_trace_lists_the_batch():
