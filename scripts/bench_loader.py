@@ -328,27 +328,34 @@ class _NoDecode:
         return getattr(self.real, name)
 
 
-def outside_decoder_us(overrides: list[str], channels_last: bool, repeats: int = 5) -> float:
+def outside_decoder_us(overrides: list[str], channels_last: bool, repeats: int = 5) -> tuple[float, float]:
     """Microseconds per image our loader (one process) spends on a training batch of JPEGs besides
     decoding them: reading the bytes, the transform, writing the batch (the decoder replaced by
-    ``_NoDecode``)."""
+    ``_NoDecode``); without and with the crash trace the trainer installs (``install_crash_trace``)."""
     from linnaeus.data import images
+    from linnaeus.data.faults import install_crash_trace
 
     cfg = compose_cfg(overrides)
     data = build_data(cfg.data, cfg.augmentation, run_dir=None, seed=0, channels_last=channels_last)
     data.train_batches.set_epoch(0)
     dataset, keys = data.train_loader.dataset, next(iter(data.train_batches))
-    real, images.simplejpeg = images.simplejpeg, _NoDecode(images.simplejpeg)
-    try:
+
+    def best_us() -> float:
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             for _ in range(10):
                 dataset.__getitems__(keys)
             best = min(best, (time.perf_counter() - start) / 10)
+        return best / len(keys) * 1e6
+
+    real, images.simplejpeg = images.simplejpeg, _NoDecode(images.simplejpeg)
+    try:
+        plain = best_us()
+        install_crash_trace(dataset)
+        return plain, best_us()
     finally:
         images.simplejpeg = real
-    return best / len(keys) * 1e6
 
 
 def parallel_decode_rate(images_h5: Path, decoder: str, processes: int, repeats: int = 2) -> float:
@@ -458,9 +465,11 @@ def compare(args) -> None:
                 time_loaders(args, dataset, tree, size, modes[dataset], best)
                 if decoders[dataset] == "simplejpeg":
                     around = [*modes[dataset]["images.h5 contiguous"], f"data.image_size={size}"]
-                    us = outside_decoder_us([*around, *loader_overrides(args, "none", 0)], args.channels_last)
-                    key = (dataset, "outside decoder")
-                    best[key] = min(best.get(key, us), us)  # a cost: the least is the best
+                    costs = outside_decoder_us(
+                        [*around, *loader_overrides(args, "none", 0)], args.channels_last
+                    )
+                    for key, us in zip([(dataset, "outside decoder"), (dataset, "traced")], costs):
+                        best[key] = min(best.get(key, us), us)  # a cost: the least is the best
             print(f"round {round_ + 1} of {args.rounds} done, load average {os.getloadavg()}")
     rows = []
     for dataset in datasets:
@@ -556,7 +565,8 @@ def report_limits(args, dataset: str, best: dict, decoder: str, prepare_us: floa
     if outside is not None:
         print(
             f"{dataset:28s} our loader besides decoding: {outside:.1f} us per image "
-            "(images.h5 contiguous, aug=none, one process, decoder left out)"
+            "(images.h5 contiguous, aug=none, one process, decoder left out); "
+            f"{best[(dataset, 'traced')]:.1f} with the trainer's crash trace"
         )
     return {
         "dataset": dataset,
@@ -567,6 +577,7 @@ def report_limits(args, dataset: str, best: dict, decoder: str, prepare_us: floa
         "into_batch_images_s": best.get((dataset, "into batch")),
         "prepare_us": prepare_us,
         "outside_decoder_us": outside,
+        "outside_decoder_traced_us": best.get((dataset, "traced")),
     }
 
 
