@@ -465,10 +465,10 @@ def compare(args) -> None:
                 time_loaders(args, dataset, tree, size, modes[dataset], best)
                 if decoders[dataset] == "simplejpeg":
                     around = [*modes[dataset]["images.h5 contiguous"], f"data.image_size={size}"]
-                    costs = outside_decoder_us(
+                    besides = outside_decoder_us(
                         [*around, *loader_overrides(args, "none", 0)], args.channels_last
                     )
-                    for key, us in zip([(dataset, "outside decoder"), (dataset, "traced")], costs):
+                    for key, us in zip([(dataset, "outside decoder"), (dataset, "traced")], besides):
                         best[key] = min(best.get(key, us), us)  # a cost: the least is the best
             print(f"round {round_ + 1} of {args.rounds} done, load average {os.getloadavg()}")
     rows = []
