@@ -39,6 +39,8 @@ import argparse
 import importlib.util
 import io
 import json
+import os
+import struct
 import sys
 import tempfile
 import time
@@ -358,6 +360,80 @@ def outside_decoder_us(overrides: list[str], channels_last: bool, repeats: int =
         images.simplejpeg = real
 
 
+def _bare_worker(
+    images_h5: Path, order: np.ndarray, slots: list[torch.Tensor], free, announce: int, start
+) -> None:
+    """One process of ``bare_pool_rate``: batches ``order`` (rows per batch) decoded into its slots."""
+    import simplejpeg
+
+    from linnaeus.data.images import H5ImageStore
+
+    store = H5ImageStore(images_h5)
+    store.read_encoded(0)  # opened and mapped before the start
+    views = [slot.numpy() for slot in slots]
+    start.wait()
+    for n, rows in enumerate(order):
+        free.acquire()
+        out = views[n % len(views)]
+        for k, row in enumerate(rows):
+            simplejpeg.decode_jpeg(store.read_encoded(int(row)), "RGB", buffer=out[k])
+        os.write(announce, struct.pack("<q", n % len(views)))
+
+
+def bare_pool_rate(images_h5: Path, workers: int, batch_size: int, batches: int, repeats: int = 2) -> float:
+    """``workers`` forked processes decoding the JPEGs (simplejpeg, shuffled order) straight into the
+    rows of channels-last batches in shared memory (3 per process, freed by the consumer), each batch
+    announced with 8 bytes on a pipe; the main process takes the batches in turn. No framework, no
+    labels, no transform: images/s over whole rounds after every slot was written once, the processes
+    started together and timed for at least 16 rounds (a process that runs ahead fills its free slots
+    before the window opens, which a short window would count as speed). What any loader built on
+    worker processes and shared memory could reach on this machine."""
+    import multiprocessing
+
+    from linnaeus.data.images import H5ImageStore, jpeg_size
+
+    store = H5ImageStore(images_h5)
+    width, height = jpeg_size(store.read_encoded(0))
+    context, slots_per_worker = multiprocessing.get_context("fork"), 3
+    warm_up, batches = slots_per_worker * workers, max(-(-batches // workers), 16) * workers
+    shape = (batch_size, height, width, 3)
+    best = 0.0
+    for repeat in range(repeats):
+        order = np.random.default_rng(repeat).permutation(store.num_rows)
+        total = warm_up + batches
+        order = np.resize(order, total * batch_size).reshape(total, batch_size)
+        slots = [
+            [torch.empty(shape, dtype=torch.uint8).share_memory_() for _ in range(slots_per_worker)]
+            for _ in range(workers)
+        ]
+        pipes = [os.pipe() for _ in range(workers)]
+        free = [context.Semaphore(slots_per_worker) for _ in range(workers)]
+        together = context.Barrier(workers)
+        children = [
+            context.Process(
+                target=_bare_worker,
+                args=(images_h5, order[w::workers], slots[w], free[w], pipes[w][1], together),
+            )
+            for w in range(workers)
+        ]
+        for child in children:
+            child.start()
+        for n in range(total):
+            if n == warm_up:
+                start = time.perf_counter()
+            w = n % workers
+            (slot,) = struct.unpack("<q", os.read(pipes[w][0], 8))
+            assert slots[w][slot].shape[0] == batch_size  # the batch, as a consumer would take it
+            free[w].release()
+        best = max(best, batches * batch_size / (time.perf_counter() - start))
+        for child in children:
+            child.join()
+        for read, write in pipes:
+            os.close(read)
+            os.close(write)
+    return best
+
+
 def parallel_decode_rate(images_h5: Path, decoder: str, processes: int, repeats: int = 2) -> float:
     """``processes`` processes decoding the dataset's bytes at once, each as ``decode_only_rate`` does
     with ``decoder``: their images/s summed. What ``processes`` cores decode together; on a VM, or
@@ -381,7 +457,6 @@ def parallel_decode_rate(images_h5: Path, decoder: str, processes: int, repeats:
 def compare_decoders(repeats: int = 3) -> None:
     """PIL vs torchvision decode_image vs simplejpeg, and DCT-domain downscaling (PIL's draft, ours
     through simplejpeg), per image size (one thread)."""
-    import os
 
     import simplejpeg
     from torchvision.io import ImageReadMode, decode_image
@@ -446,7 +521,6 @@ def encode_png(jpeg: bytes) -> bytes:
 def compare(args) -> None:
     """Every setting timed once per round, rounds interleaved; the best of ``--rounds`` is reported
     (a shared or busy machine only ever makes a setting slower)."""
-    import os
 
     print(f"load average before: {os.getloadavg()}")
     best: dict[tuple, float] = {}
@@ -510,6 +584,9 @@ def time_limits(args, dataset: str, images_h5: Path, best: dict, decoders: dict)
         _record(best, (dataset, "into batch"), decode_into_batch_rate(images_h5, args.batch_size))
     for workers in sorted({w for w in args.workers if w > 1}):
         _record(best, (dataset, "decode-only", workers), parallel_decode_rate(images_h5, decoder, workers))
+        if decoder == "simplejpeg":
+            rate = bare_pool_rate(images_h5, workers, args.batch_size, args.batches)
+            _record(best, (dataset, "bare pool", workers), rate)
 
 
 def loader_overrides(args, aug: str, workers: int) -> list[str]:
@@ -558,6 +635,13 @@ def report_limits(args, dataset: str, best: dict, decoder: str, prepare_us: floa
             f"{dataset:28s} {f'decode-only ({workers} at once)':24s}                {rate:8.0f} images/s "
             f"({rate / (limit * workers):.2f} of {workers} x 1 process)"
         )
+    bare = {w: best[(dataset, "bare pool", w)] for w in args.workers if (dataset, "bare pool", w) in best}
+    for workers, rate in bare.items():
+        print(
+            f"{dataset:28s} {f'bare pool ({workers} processes)':24s}                {rate:8.0f} images/s "
+            f"({rate / (limit * workers):.2f} of decode-only per core: shared-memory batches and a pipe, "
+            "no framework)"
+        )
     print(
         f"{dataset:28s} DataBundle.prepare on this CPU: {prepare_us:.1f} us per image (on the device in training)"
     )
@@ -574,6 +658,7 @@ def report_limits(args, dataset: str, best: dict, decoder: str, prepare_us: floa
         "decoder": decoder,
         "images_s": limit,
         "parallel_images_s": parallel,
+        "bare_pool_images_s": bare,
         "into_batch_images_s": best.get((dataset, "into batch")),
         "prepare_us": prepare_us,
         "outside_decoder_us": outside,
@@ -589,18 +674,20 @@ def report_loaders(args, dataset: str, modes: dict[str, list[str]], best: dict) 
         for workers in args.workers:
             base = best[(dataset, aug, workers, "ImageFolder")]
             together = best.get((dataset, "decode-only", workers), limit)  # what that many decode at once
+            bare = best.get((dataset, "bare pool", workers))
             for mode in ["ImageFolder", *modes]:
                 rate = best[(dataset, aug, workers, mode)]
                 per_core = rate / (limit * max(1, workers))
                 rows.append(
                     {"dataset": dataset, "mode": mode, "augmentation": aug, "workers": workers,
                      "images_s": rate, "vs_imagefolder": rate / base, "of_decode_only_per_core": per_core,
-                     "of_parallel_decode_only": rate / together}
+                     "of_parallel_decode_only": rate / together, "of_bare_pool": bare and rate / bare}
                 )  # fmt: skip
                 print(
                     f"{dataset:28s} {mode:24s} aug={aug:8s} w={workers}  {rate:8.0f} images/s  "
                     f"x{rate / base:.2f} ImageFolder  {per_core:.2f} of decode-only per core  "
                     f"{rate / together:.2f} of {max(1, workers)} decoding at once"
+                    + (f"  {rate / bare:.2f} of the bare pool" if bare else "")
                 )
     return rows
 
