@@ -6,8 +6,9 @@
     python scripts/bench_loader.py --decoders            # PIL vs torchvision decode, DCT downscaling
 
 For each dataset, augmentation option and worker count, builds the real training loader with
-``build_data`` (config composed as ``train.py`` would) and times ``--batches`` batches after two untimed
-ones (worker start-up), with one torch thread in the main process (``--threads``), as in each
+``build_data`` (config composed as ``train.py`` would) and times about ``--batches`` batches in the
+steady state (``timed_window``: whole rounds of the workers, after each has written every batch buffer
+it cycles through once), with one torch thread in the main process (``--threads``), as in each
 worker. Timed is the loader alone: uint8 batches, as the trainer moves them to the device, where
 ``DataBundle.prepare`` normalises them (``--with-prepare`` adds that step on this CPU, as CPU-only
 training pays it; ``--compare`` prints its cost per image). Datasets: the built-in demo (48 px PNGs, trained at 32 px) and a
@@ -21,7 +22,9 @@ a script does), our hybrid mode (labels.h5 + the same files), our images.h5 in t
 that only decodes the same bytes, from memory, with the fastest decoder at hand (torchvision
 ``decode_image``, and simplejpeg for JPEGs), and for each worker count above one, as many such
 processes decoding at once (what that many cores can decode together: the per-core limit with every
-core busy, which on a VM is below the one-process limit); for JPEGs also one process decoding
+core busy, which on a VM is below the one-process limit), and for JPEGs a bare pool of that many
+processes decoding into shared-memory batches handed over through a pipe (``bare_pool_rate``: what
+any loader built on worker processes could reach); for JPEGs also one process decoding
 straight into the rows of a reused batch (what writing batch memory adds), and the microseconds
 per image our loader spends besides decoding (one process, the decoder left out: what our own code
 costs, whatever the decoder's speed on the day). Datasets: Fashion-MNIST
