@@ -460,7 +460,6 @@ def parallel_decode_rate(images_h5: Path, decoder: str, processes: int, repeats:
 def compare_decoders(repeats: int = 3) -> None:
     """PIL vs torchvision decode_image vs simplejpeg, and DCT-domain downscaling (PIL's draft, ours
     through simplejpeg), per image size (one thread)."""
-
     import simplejpeg
     from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms import v2
@@ -524,7 +523,6 @@ def encode_png(jpeg: bytes) -> bytes:
 def compare(args) -> None:
     """Every setting timed once per round, rounds interleaved; the best of ``--rounds`` is reported
     (a shared or busy machine only ever makes a setting slower)."""
-
     print(f"load average before: {os.getloadavg()}")
     best: dict[tuple, float] = {}
     decoders: dict[str, str] = {}  # the fastest decoder of each dataset's decode-only limit
