@@ -55,10 +55,7 @@ class TracedStore:
     def __init__(self, store: Any, slots: torch.Tensor) -> None:
         self.inner = store
         self.slots = slots  # (MAX_SLOTS + 1, 2) int64: pid, row (-1 when idle); last = main process
-        self._forget_process()
-
-    def _forget_process(self) -> None:
-        self._pid, self._slot, self._rows = -1, -1, None
+        self._pid, self._slot, self._rows = -1, -1, None  # this process's, once it has read (``_claim``)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
