@@ -189,30 +189,53 @@ def _traced_peek() -> TracedStore:
     return peek.traced
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_crash_trace_holds_each_process_pid_and_the_row_it_is_reading(workers):
+def _assert_each_read_was_traced(seen: list, rows: range) -> None:
+    """Each read saw, in its process's slot, that process's pid and the row it was reading."""
+    assert len(seen) == len(rows)
+    for row, (pid, worker, table) in zip(rows, seen):
+        slot = len(table) - 1 if worker < 0 else min(worker, len(table) - 2)
+        assert table[slot].tolist() == [pid, row]
+
+
+@pytest.mark.parametrize(("workers", "persistent"), [(0, False), (2, False), (2, True)])
+def test_crash_trace_holds_each_process_pid_and_the_row_it_is_reading(workers, persistent):
     traced = _traced_peek()
-    loader = DataLoader(_ReadEach(traced, 12), batch_size=None, num_workers=workers)
-    seen = list(loader)
-    assert len(seen) == 12
-    for row, (pid, worker, table) in enumerate(seen):
-        slot = len(table) - 1 if worker < 0 else worker
-        assert table[slot].tolist() == [pid, row]  # during the read: this process's pid and row
-        assert (workers == 0) == (pid == os.getpid())
-    assert {pid for pid, _, _ in seen} == (
-        {os.getpid()} if workers == 0 else {p for p, w, _ in seen if w >= 0}
+    before = traced.read(0, "x0")  # the main process reads first (as the first-batch preview does)
+    assert before[1] == -1 and before[2][-1].tolist() == [os.getpid(), 0]
+    loader = DataLoader(
+        _ReadEach(traced, 12), batch_size=None, num_workers=workers, persistent_workers=persistent
     )
-    assert len({pid for pid, _, _ in seen}) == max(1, workers)
+    epochs = [list(loader), list(loader)]
+    pids = []
+    for seen in epochs:
+        _assert_each_read_was_traced(seen, range(12))
+        pids.append({pid for pid, _, _ in seen})
+        assert len(pids[-1]) == max(1, workers)
+        assert (os.getpid() in pids[-1]) == (workers == 0)  # workers claim slots of their own
+    assert (pids[0] == pids[1]) == (workers == 0 or persistent)  # new workers claim again
     assert (traced.slots[:, 1] == -1).all()  # after the reads, no row is marked
+
+
+def test_crash_trace_names_the_reader_when_two_loaders_share_a_slot():
+    """Two loaders over one store: each one's worker 0 uses slot 0, alternately."""
+    traced = _traced_peek()
+    first, second = (
+        DataLoader(_ReadEach(traced, 4), batch_size=None, num_workers=1, persistent_workers=True)
+        for _ in range(2)
+    )
+    epochs = [list(first), list(second), list(first)]  # the first loader's worker reads again last
+    for seen in epochs:
+        _assert_each_read_was_traced(seen, range(4))
+    pids = [{pid for pid, _, _ in seen} for seen in epochs]
+    assert pids[0] == pids[2] != pids[1] and all(len(p) == 1 for p in pids)
 
 
 def test_crash_trace_travels_without_its_process_view():
     traced = _traced_peek()
     traced.read(3, "x3")  # claims the main process's slot
-    assert traced._pid == os.getpid() and traced._rows is not None
+    assert traced._pid == os.getpid() and traced._table is not None
     copy = pickle.loads(pickle.dumps(traced))
-    assert copy._pid == -1 and copy._rows is None and copy._slot == -1
-    copy.inner.traced = copy
+    assert copy._pid == -1 and copy._table is None and copy._slot == -1
     pid, worker, table = copy.read(4, "x4")
     assert worker == -1 and table[-1].tolist() == [pid, 4] and copy.slots[-1, 1] == -1
 

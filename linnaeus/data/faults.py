@@ -46,37 +46,38 @@ class WorkerCrashError(UserError):
 class TracedStore:
     """An image store that records, per worker, the row being decoded (in shared memory).
 
-    The trace runs around every image of every training run, so it costs about a microsecond: each
-    process finds its slot and writes its pid there once, then writes rows through a NumPy view of the
-    shared table (a tensor's ``__setitem__`` takes ~1.5 us, three per image doubled the loader's own
-    cost per image besides decoding).
+    The trace runs around every image of every training run, so it costs well under a microsecond:
+    each process finds its slot once and then writes its pid and the row through a NumPy view of the
+    shared table (a tensor's ``__setitem__`` takes ~1.5 us; three per image doubled the loader's own
+    cost per image besides decoding). The pid goes in with every row, as two processes can share a
+    slot (two loaders' workers of the same id over one store, or worker ids past ``MAX_SLOTS``).
     """
 
     def __init__(self, store: Any, slots: torch.Tensor) -> None:
         self.inner = store
         self.slots = slots  # (MAX_SLOTS + 1, 2) int64: pid, row (-1 when idle); last = main process
-        self._pid, self._slot, self._rows = -1, -1, None  # this process's, once it has read (``_claim``)
+        self._pid, self._slot, self._table = -1, -1, None  # this process's, once it has read (``_claim``)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_pid=-1, _slot=-1, _rows=None)  # the view is of this process's mapping
+        state.update(_pid=-1, _slot=-1, _table=None)  # the view is of this process's mapping
         return state
 
     def _claim(self) -> np.ndarray:
-        """This process's slot, with its pid written there; the view of the row column."""
+        """This process's slot and the NumPy view of the table (found once per process)."""
         info = get_worker_info()
-        table = self.slots.numpy()
-        self._slot = len(table) - 1 if info is None else min(info.id, len(table) - 2)
+        self._table = self.slots.numpy()
+        self._slot = len(self._table) - 1 if info is None else min(info.id, len(self._table) - 2)
         self._pid = os.getpid()
-        table[self._slot, 0] = self._pid
-        self._rows = table[:, 1]
-        return self._rows
+        return self._table
 
     def _traced(self, method: str, row: int, identifier: str, *args):
-        rows = self._rows if self._pid == os.getpid() else self._claim()
-        rows[self._slot] = row
+        table = self._table if self._pid == os.getpid() else self._claim()
+        slot = self._slot
+        table[slot, 0] = self._pid
+        table[slot, 1] = row
         result = getattr(self.inner, method)(row, identifier, *args)
-        rows[self._slot] = -1
+        table[slot, 1] = -1
         return result
 
     def read(self, row: int, identifier: str, *out: torch.Tensor):
@@ -86,7 +87,7 @@ class TracedStore:
         return self._traced("read_encoded", row, identifier)
 
     def __getattr__(self, name: str):  # path, root, rows_for, ... of the wrapped store
-        if name in ("inner", "slots"):
+        if name in ("inner", "slots") or name.startswith("_"):  # its own (e.g. while being unpickled)
             raise AttributeError(name)
         return getattr(self.inner, name)
 
