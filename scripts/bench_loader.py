@@ -374,13 +374,26 @@ def _bare_worker(
     store = H5ImageStore(images_h5)
     store.read_encoded(0)  # opened and mapped before the start
     views = [slot.numpy() for slot in slots]
-    start.wait()
+    start.wait(timeout=120)
     for n, rows in enumerate(order):
         free.acquire()
         out = views[n % len(views)]
         for k, row in enumerate(rows):
             simplejpeg.decode_jpeg(store.read_encoded(int(row)), "RGB", buffer=out[k])
         os.write(announce, struct.pack("<q", n % len(views)))
+
+
+def _announced(read: int, child, timeout: float = 120.0) -> int:
+    """The slot a bare-pool process announces next; an error when it died or fell silent instead."""
+    from multiprocessing.connection import wait
+
+    ready = wait([read, child.sentinel], timeout)
+    if read in ready:  # also when it exited since: what it wrote before is there
+        return struct.unpack("<q", os.read(read, 8))[0]
+    if child.sentinel in ready:
+        child.join()
+        raise RuntimeError(f"a bare-pool process exited with code {child.exitcode}")
+    raise RuntimeError(f"a bare-pool process announced nothing for {timeout:.0f} s")
 
 
 def bare_pool_rate(images_h5: Path, workers: int, batch_size: int, batches: int, repeats: int = 2) -> float:
@@ -419,21 +432,26 @@ def bare_pool_rate(images_h5: Path, workers: int, batch_size: int, batches: int,
             )
             for w in range(workers)
         ]
-        for child in children:
-            child.start()
-        for n in range(total):
-            if n == warm_up:
-                start = time.perf_counter()
-            w = n % workers
-            (slot,) = struct.unpack("<q", os.read(pipes[w][0], 8))
-            assert slots[w][slot].shape[0] == batch_size  # the batch, as a consumer would take it
-            free[w].release()
-        best = max(best, batches * batch_size / (time.perf_counter() - start))
-        for child in children:
-            child.join()
-        for read, write in pipes:
-            os.close(read)
-            os.close(write)
+        try:
+            for child in children:
+                child.start()
+            for n in range(total):
+                if n == warm_up:
+                    start = time.perf_counter()
+                w = n % workers
+                _announced(pipes[w][0], children[w])  # the batch is in that slot; a consumer takes it
+                free[w].release()
+            best = max(best, batches * batch_size / (time.perf_counter() - start))
+        finally:
+            for child in children:
+                if child.pid is not None:
+                    child.join(timeout=10)
+                    if child.is_alive():
+                        child.terminate()
+                        child.join()
+            for read, write in pipes:
+                os.close(read)
+                os.close(write)
     return best
 
 

@@ -1,16 +1,23 @@
-"""scripts/bench_loader.py's timed window: the steady state, over whole rounds of the workers."""
+"""scripts/bench_loader.py: its timed window (the steady state, over whole rounds of the workers)
+and its bare-pool reference."""
 
 from __future__ import annotations
 
-import sys
+import importlib.util
+import io
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from linnaeus.data.writer import write_images_h5
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-from bench_loader import timed, timed_window  # noqa: E402
+_spec = importlib.util.spec_from_file_location("bench_loader", REPO / "scripts" / "bench_loader.py")
+bench_loader = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_loader)
+timed, timed_window = bench_loader.timed, bench_loader.timed_window
 
 
 class _Batches:
@@ -37,16 +44,29 @@ class _Batches:
         (3, 2, 16, (12, 18)),
         (2, 4, 5, (12, 6)),  # prefetch_factor + 2 rounds of warm-up: every buffer written once
         (1, 2, 7, (4, 7)),
+        (2, None, 15, (8, 16)),  # no prefetch_factor known: PyTorch's default of 2
     ],
 )
 def test_the_window_is_whole_rounds_after_every_buffer_was_written(workers, prefetch, asked, expected):
     assert timed_window(_Batches(workers, prefetch, 100), asked) == expected
 
 
-def test_timed_draws_the_warm_up_and_counts_only_the_timed_images():
+class _Clock:
+    """``time.perf_counter`` that moves on by one second per call."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_timed_draws_the_warm_up_and_counts_only_the_timed_images(monkeypatch):
+    monkeypatch.setattr(bench_loader.time, "perf_counter", _Clock())
     loader = _Batches(num_workers=2, prefetch_factor=2, epoch_batches=100, size=4)
-    rate = timed(loader, 15)
-    assert loader.drawn == 8 + 16 and loader.epochs == 1 and rate > 0
+    rate = timed(loader, 15)  # the clock is read at the window's start and end: one second apart
+    assert loader.drawn == 8 + 16 and loader.epochs == 1 and rate == 16 * 4
 
 
 def test_an_epoch_end_inside_the_window_starts_the_next_epoch_and_is_said(capsys):
@@ -57,3 +77,26 @@ def test_an_epoch_end_inside_the_window_starts_the_next_epoch_and_is_said(capsys
     loader = _Batches(num_workers=0, prefetch_factor=None, epoch_batches=10)
     timed(loader, 5)
     assert "crossed" not in capsys.readouterr().err
+
+
+def _jpeg(seed: int, size: int = 24) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_the_bare_pool_decodes_every_batch_it_times(tmp_path):
+    path = tmp_path / "images.h5"
+    write_images_h5(path, [f"{i}.jpg" for i in range(12)], [_jpeg(i) for i in range(12)])
+    rate = bench_loader.bare_pool_rate(path, workers=2, batch_size=4, batches=3, repeats=1)
+    assert 0 < rate < float("inf")
+
+
+def test_a_bare_pool_process_that_fails_is_an_error_not_a_hang(tmp_path):
+    path = tmp_path / "images.h5"
+    png = io.BytesIO()
+    Image.new("RGB", (24, 24)).save(png, format="PNG")  # simplejpeg cannot decode it
+    write_images_h5(path, [f"{i}" for i in range(8)], [_jpeg(0), *[png.getvalue()] * 7])
+    with pytest.raises(RuntimeError, match="exited with code 1"):
+        bench_loader.bare_pool_rate(path, workers=2, batch_size=4, batches=2, repeats=1)
