@@ -4,14 +4,20 @@ save per batch, reused batch memory (in process and across loader workers), chan
 from __future__ import annotations
 
 import gc
+import io
+import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 
 from linnaeus.data.buffers import BatchBuffers
+from linnaeus.data.images import BadImageError, H5ImageStore, decode_bytes
 from linnaeus.data.transforms import Flip, ResizedCrop, build_train_augment, is_deterministic, seeded_rng
+from linnaeus.data.writer import write_images_h5
 from tests.test_augment import compose_cfg
 from tests.test_prepare_cache import data_for, dataset  # noqa: F401  (the fixture)
 
@@ -408,7 +414,6 @@ def test_a_store_whose_read_takes_no_row_is_called_without_one(sized):
     """A store without ``decodes_into_rows`` (one written before stores could decode into a batch row)
     is called as ``read(row, identifier)``, also through the crash trace, and its batches are right."""
     from linnaeus.data.faults import install_crash_trace
-    from linnaeus.data.images import H5ImageStore
 
     class TwoArgumentStore:
         def __init__(self, inner: H5ImageStore) -> None:
@@ -426,3 +431,64 @@ def test_a_store_whose_read_takes_no_row_is_called_without_one(sized):
         each.train_batches.set_epoch(0)
     for a, b in zip(expected.train_loader, data.train_loader, strict=True):
         assert torch.equal(a["images"], b["images"])
+
+
+def _mixed_rows(tmp_path):
+    """An images.h5 of one batch's worth of files: which of them decode straight into a 32 px row."""
+    from tests.test_image_layouts import encode, photo
+
+    cmyk = io.BytesIO()
+    Image.fromarray(photo(32, 32, seed=4)).convert("CMYK").save(cmyk, format="JPEG", quality=95)
+    whole = encode(photo(32, 32, seed=5), "JPEG", quality=90)
+    files = [
+        encode(photo(32, 32, seed=0), "JPEG", quality=90),  # the row's size
+        encode(photo(64, 70, seed=1), "JPEG", quality=90),  # 32 x 35 at the 1/2 DCT scale: another size
+        encode(photo(64, 64, seed=2), "JPEG", quality=90),  # 32 x 32 at the 1/2 DCT scale
+        encode(photo(32, 32, seed=3), "PNG"),
+        cmyk.getvalue(),  # CMYK: decoded to RGB as a plain decode does
+        whole[: len(whole) // 2],  # cut short: the decoder refuses it, ``read`` says why
+        encode(photo(40, 36, seed=6), "JPEG", quality=90),
+    ]
+    write_images_h5(tmp_path / "images.h5", [f"{i}.img" for i in range(len(files))], files)
+    return H5ImageStore(tmp_path / "images.h5").with_min_side(32), files
+
+
+def test_decode_rows_decodes_each_jpeg_of_the_rows_size_into_its_row_and_only_those(tmp_path):
+    store, files = _mixed_rows(tmp_path)
+    pixels = np.full((len(files), 32, 32, 3), 7, dtype=np.uint8)
+    done = store.decode_rows(list(range(len(files))), pixels)
+    assert done == [True, False, True, False, True, False, False]
+    for k in (0, 2, 4):  # what a decode of its own gives
+        assert np.array_equal(pixels[k], decode_bytes(files[k], 32).permute(1, 2, 0).numpy())
+    assert (pixels[[1, 3, 6]] == 7).all()  # another size or format: its row untouched
+    with pytest.raises(BadImageError, match="5.img"):
+        store.read(5, "5.img")  # what the caller does with a row left undone
+    rows = [2, 0]  # any rows, in any order
+    again = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    assert store.decode_rows(rows, again) == [True, True]
+    assert np.array_equal(again[0], pixels[2]) and np.array_equal(again[1], pixels[0])
+
+
+def test_decode_rows_puts_each_image_in_the_crash_trace_while_it_decodes(tmp_path, monkeypatch):
+    from linnaeus.data import images
+    from linnaeus.data.faults import install_crash_trace
+
+    store, files = _mixed_rows(tmp_path)
+    holder = SimpleNamespace(store=store)
+    (traced,) = install_crash_trace(holder)
+    real, seen = images.simplejpeg, []
+
+    class Watching:
+        def decode_jpeg(self, data, *args, **kwargs):
+            seen.append(traced.slots[-1].tolist())  # the main process's slot, during the decode
+            return real.decode_jpeg(data, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    monkeypatch.setattr(images, "simplejpeg", Watching())
+    pixels = np.zeros((len(files), 32, 32, 3), dtype=np.uint8)
+    assert traced.decode_rows(list(range(len(files))), pixels)[:3] == [True, False, True]
+    # the JPEGs that decode to the row's size, CMYK and the cut one included, each with its row
+    assert seen == [[os.getpid(), 0], [os.getpid(), 2], [os.getpid(), 4], [os.getpid(), 5]]
+    assert traced.slots[-1, 1] == -1  # none is being decoded now

@@ -136,6 +136,18 @@ def copy_image(row: torch.Tensor, image: torch.Tensor) -> None:
     row.copy_(image)
 
 
+def _decoded_rows(
+    out: torch.Tensor, decode_rows: Callable[[range, np.ndarray], list[bool]] | None
+) -> list[bool] | None:
+    """``decode_rows`` over rows 1 on of a uint8 RGB batch over channels-last memory (else None)."""
+    if decode_rows is None or len(out) < 2 or out.dtype != torch.uint8 or out.shape[1] != 3:
+        return None
+    memory = out.permute(0, 2, 3, 1)
+    if not memory.is_contiguous():
+        return None  # planar rows: a decoder cannot write them
+    return decode_rows(range(1, len(out)), memory.numpy()[1:])
+
+
 class BatchBuffers:
     """The batch buffers of one dataset (module docstring): ``slots`` per loader worker (``workers``
     of them, with a shared ``busy`` flag each), and up to ``slots`` in the main process."""
@@ -224,20 +236,30 @@ class BatchBuffers:
         return self.empty(shape, dtype, shared=True), None
 
     def fill(
-        self, sample: Callable[[int, torch.Tensor | None], torch.Tensor], count: int
+        self,
+        sample: Callable[[int, torch.Tensor | None], torch.Tensor],
+        count: int,
+        decode_rows: Callable[[range, np.ndarray], list[bool]] | None = None,
+        finish: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor | Lease:
         """A batch of the images ``sample(k, row)`` makes for k < ``count``, written into a buffer one by
         one: the tensor, or in a worker the lease that becomes the tensor in the main process.
         ``row`` is the batch row image k goes to (None for the first, which sets the batch's shape):
-        ``sample`` may write the image there itself and return ``row``, saving a copy."""
+        ``sample`` may write the image there itself and return ``row``, saving a copy.
+
+        ``decode_rows`` and ``finish``: a batch of images in one go. When the batch is uint8 RGB over
+        channels-last memory, ``decode_rows(range(1, count), pixels)`` gets the (count - 1, H, W, 3)
+        NumPy rows of images 1 on, decodes what it can straight into them and says which; image k so
+        decoded is then made by ``finish(k, row)`` from its row, the others by ``sample``."""
         first = sample(0, None)
         out, lease = self.take((count, *first.shape), first.dtype)
         try:
             rows = out.unbind(0)
             copy_image(rows[0], first)
+            decoded = _decoded_rows(out, decode_rows) if finish is not None else None
             for k in range(1, count):
                 row = rows[k]
-                image = sample(k, row)
+                image = finish(k, row) if decoded and decoded[k - 1] else sample(k, row)
                 if image is row:
                     continue  # decoded into its row
                 if image.shape != first.shape:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
@@ -81,6 +82,7 @@ class TaxonDataset(Dataset):
     def store(self, store: H5ImageStore | FolderImageStore) -> None:  # e.g. the crash trace's wrapper
         self._store = store
         self._into_rows = getattr(store, "decodes_into_rows", False)  # looked up once, not per image
+        self._decode_rows = getattr(store, "decode_rows", None) if self._into_rows else None
 
     def __len__(self) -> int:
         return len(self.identifiers)
@@ -112,6 +114,17 @@ class TaxonDataset(Dataset):
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
         return self._apply(image)
 
+    def _finish(self, index: int, epoch: int | None, row: torch.Tensor) -> torch.Tensor:
+        """Sample ``index``'s transformed image from its pixels, decoded into ``row`` already (inside
+        ``_rng_scope``, seeded as ``_sample`` seeds)."""
+        if self.seeded and epoch is not None:
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+        return self._apply(row)
+
+    def _decode_batch_rows(self, pairs: list[tuple[int, int | None]], ks: range, pixels: np.ndarray):
+        """The store's ``decode_rows`` for samples ``pairs[k]``, k in ``ks``, into ``pixels``."""
+        return self._decode_rows([int(self.image_rows[pairs[k][0]]) for k in ks], pixels)
+
     def _image(self, index: int, epoch: int | None) -> torch.Tensor:
         if self.encoded is not None:
             return self._read(index)
@@ -138,7 +151,12 @@ class TaxonDataset(Dataset):
         indices = [index for index, _ in pairs]
         if self.encoded is None:
             with self._rng_scope(pairs):  # each image written into the batch as soon as it is made
-                packed = self.buffers.fill(lambda k, out: self._sample(*pairs[k], out), len(pairs))
+                packed = self.buffers.fill(
+                    lambda k, out: self._sample(*pairs[k], out),
+                    len(pairs),
+                    None if self._decode_rows is None else partial(self._decode_batch_rows, pairs),
+                    lambda k, row: self._finish(*pairs[k], row),
+                )
         else:
             identifiers = [str(self.identifiers[i]) for i in indices]
             packed = EncodedImages.pack([self._read(i) for i in indices], identifiers, *self.encoded)

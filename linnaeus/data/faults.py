@@ -86,6 +86,14 @@ class TracedStore:
     def read_encoded(self, row: int, identifier: str):
         return self._traced("read_encoded", row, identifier)
 
+    def decode_rows(self, rows: list[int], pixels: np.ndarray) -> list[bool]:
+        """The wrapped store's ``decode_rows``, each image's row in the trace while it is decoded."""
+        decode = getattr(self.inner, "decode_rows", None)
+        if decode is None:
+            return [False] * len(rows)
+        table = self._table if self._pid == os.getpid() else self._claim()
+        return decode(rows, pixels, trace=(table, self._slot, self._pid))
+
     def __getattr__(self, name: str):  # path, root, rows_for, ... of the wrapped store
         if name in ("inner", "slots") or name.startswith("_"):  # its own (e.g. while being unpickled)
             raise AttributeError(name)

@@ -115,6 +115,24 @@ def _decode_pil(data: bytes | np.ndarray | torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
 
+def _dct_scale(size: tuple[int, int] | None, min_side: int | None) -> tuple[int, tuple[int, int] | None]:
+    """(factor, (height, width) at that factor) for a JPEG of ``size`` (width, height): the smallest
+    DCT scale (1/2, 1/4 or 1/8) that keeps the short side >= ``min_side``, else 1."""
+    factor = 1
+    while min_side and size is not None and factor < 8 and min(size) >= 2 * factor * min_side:
+        factor *= 2
+    return factor, None if size is None else (-(-size[1] // factor), -(-size[0] // factor))
+
+
+def _simplejpeg_decode(buffer, factor: int, scaled, into: np.ndarray | None) -> np.ndarray:
+    if factor == 1:
+        return simplejpeg.decode_jpeg(buffer, "RGB", buffer=into)
+    # exactly that factor: the least output that still has ceil(side / factor) pixels
+    return simplejpeg.decode_jpeg(
+        buffer, "RGB", min_factor=factor, min_height=scaled[0], min_width=scaled[1], buffer=into
+    )
+
+
 def _decode_jpeg(
     data: bytes | np.ndarray | torch.Tensor, min_side: int | None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -124,18 +142,9 @@ def _decode_jpeg(
     (``writable_pixels``)."""
     buffer = data.numpy() if isinstance(data, torch.Tensor) else data
     target = writable_pixels(out)
-    size = jpeg_size(buffer) if min_side or target is not None else None
-    factor = 1
-    while min_side and size is not None and factor < 8 and min(size) >= 2 * factor * min_side:
-        factor *= 2
-    scaled = None if size is None else (-(-size[1] // factor), -(-size[0] // factor))  # (height, width)
+    factor, scaled = _dct_scale(jpeg_size(buffer) if min_side or target is not None else None, min_side)
     into = target if target is not None and scaled == target.shape[:2] else None
-    if factor == 1:
-        pixels = simplejpeg.decode_jpeg(buffer, "RGB", buffer=into)
-    else:  # exactly that factor: the least output that still has ceil(side / factor) pixels
-        pixels = simplejpeg.decode_jpeg(
-            buffer, "RGB", min_factor=factor, min_height=scaled[0], min_width=scaled[1], buffer=into
-        )
+    pixels = _simplejpeg_decode(buffer, factor, scaled, into)
     if into is None:
         return torch.from_numpy(pixels).permute(2, 0, 1)
     if pixels.shape == into.shape:
@@ -329,6 +338,38 @@ class H5ImageStore(_SizedReads):
             return decode_bytes(data, self.min_side, out)
         except BadImageError as err:
             raise BadImageError(f"image {identifier!r} (row {row} of {self.path}): {err}") from err
+
+    def decode_rows(self, rows: list[int], pixels: np.ndarray, trace=None) -> list[bool]:
+        """Decode image ``rows[k]`` straight into ``pixels[k]`` ((H, W, 3) uint8, rows of a channels-last
+        batch) where it is a JPEG that decodes to exactly that size (at this store's DCT scale): one
+        loop for a batch, without the per-image calls of ``read``. False where it is not (another size
+        or format, a file the decoder refuses): the caller reads that image through ``read``, which
+        also says what is wrong with a bad one. ``trace``: (table, slot, pid), the crash trace's
+        shared table, where each image's row is written while it is decoded."""
+        self._open()
+        done = [False] * len(rows)
+        if self._bytes is None:  # not the contiguous layout in a plain memory map
+            return done
+        data, shape = self._bytes, pixels.shape[1:3]
+        index = np.asarray(rows, dtype=np.int64)
+        starts, ends = self.offsets[index].tolist(), self.offsets[index + 1].tolist()
+        for k, (start, end) in enumerate(zip(starts, ends)):
+            buffer = data[start:end]
+            if end - start < 3 or buffer[:3].tobytes() != JPEG_START:
+                continue
+            factor, scaled = _dct_scale(jpeg_size(buffer), self.min_side)
+            if scaled != shape:
+                continue
+            if trace is not None:
+                table, slot, pid = trace
+                table[slot, 0], table[slot, 1] = pid, rows[k]
+            try:
+                done[k] = _simplejpeg_decode(buffer, factor, scaled, pixels[k]).shape[:2] == shape
+            except ValueError:  # e.g. CMYK or damaged: ``read`` finds what can decode it
+                pass
+            if trace is not None:
+                table[slot, 1] = -1
+        return done
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
