@@ -109,17 +109,14 @@ class TaxonDataset(Dataset):
     def _sample(self, index: int, epoch: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Sample ``index``'s transformed image (inside ``_rng_scope``): seeded from (seed, epoch, index).
         ``out``: the batch row it goes to, which the decoder may write into (``BatchBuffers.fill``)."""
-        image = self._read(index, out)
+        return self._finish(index, epoch, self._read(index, out))
+
+    def _finish(self, index: int, epoch: int | None, image: torch.Tensor) -> torch.Tensor:
+        """Sample ``index``'s transformed image from its decoded pixels (read, or decoded into its batch
+        row by the store's ``decode_rows``), inside ``_rng_scope``: seeded from (seed, epoch, index)."""
         if self.seeded and epoch is not None:
             torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
         return self._apply(image)
-
-    def _finish(self, index: int, epoch: int | None, row: torch.Tensor) -> torch.Tensor:
-        """Sample ``index``'s transformed image from its pixels, decoded into ``row`` already (inside
-        ``_rng_scope``, seeded as ``_sample`` seeds)."""
-        if self.seeded and epoch is not None:
-            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-        return self._apply(row)
 
     def _decode_batch_rows(self, pairs: list[tuple[int, int | None]], ks: range, pixels: np.ndarray):
         """The store's ``decode_rows`` for samples ``pairs[k]``, k in ``ks``, into ``pixels``."""
