@@ -101,7 +101,12 @@ def timed_window(loader, batches: int) -> tuple[int, int]:
     if workers == 0:
         return 2, batches
     rounds = (getattr(loader, "prefetch_factor", None) or 2) + 2
-    return max(2, rounds * workers), -(-batches // workers) * workers
+    return max(2, rounds * workers), whole_rounds(batches, workers)
+
+
+def whole_rounds(batches: int, workers: int) -> int:
+    """``batches`` rounded up to a whole number of rounds of ``workers`` side by side."""
+    return -(-batches // workers) * workers
 
 
 def timed(loader, batches: int, prepare=None, new_epoch=None) -> float:
@@ -411,7 +416,7 @@ def bare_pool_rate(images_h5: Path, workers: int, batch_size: int, batches: int,
     store = H5ImageStore(images_h5)
     width, height = jpeg_size(store.read_encoded(0))
     context, slots_per_worker = multiprocessing.get_context("fork"), 3
-    warm_up, batches = slots_per_worker * workers, max(-(-batches // workers), 16) * workers
+    warm_up, batches = slots_per_worker * workers, whole_rounds(max(batches, 16 * workers), workers)
     shape = (batch_size, height, width, 3)
     best = 0.0
     for repeat in range(repeats):

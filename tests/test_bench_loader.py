@@ -86,11 +86,14 @@ def _jpeg(seed: int, size: int = 24) -> bytes:
     return out.getvalue()
 
 
-def test_the_bare_pool_decodes_every_batch_it_times(tmp_path):
+def test_the_bare_pool_times_whole_rounds_of_at_least_16(tmp_path, monkeypatch):
     path = tmp_path / "images.h5"
     write_images_h5(path, [f"{i}.jpg" for i in range(12)], [_jpeg(i) for i in range(12)])
+    monkeypatch.setattr(bench_loader.time, "perf_counter", _Clock())  # one second per window
     rate = bench_loader.bare_pool_rate(path, workers=2, batch_size=4, batches=3, repeats=1)
-    assert 0 < rate < float("inf")
+    assert rate == 16 * 2 * 4  # 16 rounds of 2 batches of 4 images, each announced by its process
+    rate = bench_loader.bare_pool_rate(path, workers=3, batch_size=4, batches=50, repeats=1)
+    assert rate == 17 * 3 * 4  # 50 batches: rounded up to 17 rounds of 3
 
 
 def test_a_bare_pool_process_that_fails_is_an_error_not_a_hang(tmp_path):

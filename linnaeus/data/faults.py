@@ -56,15 +56,17 @@ class TracedStore:
     def __init__(self, store: Any, slots: torch.Tensor) -> None:
         self.inner = store
         self.slots = slots  # (MAX_SLOTS + 1, 2) int64: pid, row (-1 when idle); last = main process
-        self._pid, self._slot, self._table = -1, -1, None  # this process's, once it has read (``_claim``)
+        self._pid, self._slot, self._table = -1, -1, None  # this process's, once it has read (``_own_table``)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.update(_pid=-1, _slot=-1, _table=None)  # the view is of this process's mapping
         return state
 
-    def _claim(self) -> np.ndarray:
-        """This process's slot and the NumPy view of the table (found once per process)."""
+    def _own_table(self) -> np.ndarray:
+        """The NumPy view of the table, with ``_slot`` and ``_pid`` this process's (found once per process)."""
+        if self._pid == os.getpid():
+            return self._table
         info = get_worker_info()
         self._table = self.slots.numpy()
         self._slot = len(self._table) - 1 if info is None else min(info.id, len(self._table) - 2)
@@ -72,7 +74,7 @@ class TracedStore:
         return self._table
 
     def _traced(self, method: str, row: int, identifier: str, *args):
-        table = self._table if self._pid == os.getpid() else self._claim()
+        table = self._own_table()
         slot = self._slot
         table[slot, 0] = self._pid
         table[slot, 1] = row
@@ -91,7 +93,7 @@ class TracedStore:
         decode = getattr(self.inner, "decode_rows", None)
         if decode is None:
             return [False] * len(rows)
-        table = self._table if self._pid == os.getpid() else self._claim()
+        table = self._own_table()
         return decode(rows, pixels, trace=(table, self._slot, self._pid))
 
     def __getattr__(self, name: str):  # path, root, rows_for, ... of the wrapped store

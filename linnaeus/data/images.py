@@ -355,7 +355,7 @@ class H5ImageStore(_SizedReads):
         starts, ends = self.offsets[index].tolist(), self.offsets[index + 1].tolist()
         for k, (start, end) in enumerate(zip(starts, ends)):
             buffer = data[start:end]
-            if end - start < 3 or buffer[:3].tobytes() != JPEG_START:
+            if not is_jpeg(buffer):
                 continue
             factor, scaled = _dct_scale(jpeg_size(buffer), self.min_side)
             if scaled != shape:
