@@ -364,7 +364,6 @@ def main(cfg: DictConfig) -> dict:
     data = build_data(
         data_cfg, run.cfg.augmentation, run_dir=out, seed=run.cfg.seed, rank=dist_info.rank,
         world_size=dist_info.world_size, pin_memory=device.type == "cuda", local_rank=dist_info.local_rank,
-        channels_last=device.type == "cuda",
     )  # fmt: skip
     maps = label_maps(data.taxonomy, taxonomy)
     check_metadata(data.meta_dims, run.meta_dims)

@@ -319,7 +319,6 @@ def build_run_data(
         rank=dist_info.rank,
         world_size=dist_info.world_size,
         pin_memory=device.type == "cuda",
-        channels_last=device.type == "cuda",  # the device transposes in no time; the loader would not
     )
     if resumed is not None and Taxonomy.from_dict(resumed[0]["taxonomy"]) != data.taxonomy:
         raise CheckpointError(

@@ -30,10 +30,11 @@ per image our loader spends besides decoding (one process, the decoder left out:
 costs, whatever the decoder's speed on the day). Datasets: Fashion-MNIST
 as a folder tree (``scripts/make_fashion_tree.py``; 28 px grayscale PNGs, trained at 32 px) and
 seeded random crops of the photographs that ship inside scikit-image, resized to 224 x 224 and
-encoded as JPEG quality 90 (trained at 224 px; ``pip install -e .[bench]``). With ``--channels-last``
-our loaders hand over channels-last batches, as decoders return pixels and as the trainer asks for
-when it trains on a GPU (which transposes them for free); without it, contiguous (B, 3, H, W)
-batches, as for CPU training, so the workers transpose every image.
+encoded as JPEG quality 90 (trained at 224 px; ``pip install -e .[bench]``). Our loaders hand
+over channels-last batches, as decoders return pixels and as the trainer asks for (its ``prepare``
+casts them to contiguous float in one pass); with ``--contiguous``, contiguous (B, 3, H, W) batches,
+for which the workers transpose every image. ``--channels-last`` is the default and kept for the
+commands of earlier runs.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def compose_cfg(overrides: list[str]):
 
 
 def throughput(
-    overrides: list[str], batches: int, with_prepare: bool = False, channels_last: bool = False
+    overrides: list[str], batches: int, with_prepare: bool = False, channels_last: bool = True
 ) -> tuple[float, int]:
     """(images/s over ``batches`` timed batches, image size) for one composed config."""
     cfg = compose_cfg(overrides)
@@ -162,12 +163,16 @@ def throughput(
     return rate, cfg.data.image_size
 
 
-def prepare_cost(size: int, batch_size: int, repeats: int = 5) -> float:
-    """Microseconds per image ``DataBundle.prepare`` takes on this CPU (uint8 -> normalised float)."""
+def prepare_cost(size: int, batch_size: int, channels_last: bool = True, repeats: int = 5) -> float:
+    """Microseconds per image ``DataBundle.prepare`` takes on this CPU (uint8 -> normalised contiguous
+    float) for batches in the loader's layout."""
     from linnaeus.data.prepare import PrepareBatch
 
     prepare = PrepareBatch([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
-    batch = {"images": torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)}
+    images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    batch = {"images": images}
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -555,7 +560,10 @@ def compare(args) -> None:
         modes = {
             name: build_variants(tree, tmp / f"{tree.name}_built") for name, (tree, _) in datasets.items()
         }
-        costs = {name: prepare_cost(size, args.batch_size) for name, (_, size) in datasets.items()}
+        costs = {
+            name: prepare_cost(size, args.batch_size, args.channels_last)
+            for name, (_, size) in datasets.items()
+        }
         for round_ in range(args.rounds):
             for dataset, (tree, size) in datasets.items():
                 images_h5 = tmp / f"{tree.name}_built" / "h5" / "images.h5"
@@ -727,10 +735,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process")
     parser.add_argument("--with-prepare", action="store_true", help="also time DataBundle.prepare on the CPU")
     parser.add_argument("--compare", action="store_true", help="ImageFolder vs our modes vs decode-only")
-    parser.add_argument(
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument(
         "--channels-last",
+        dest="channels_last",
         action="store_true",
-        help="our loaders hand over channels-last batches, as the trainer asks for on a GPU",
+        default=True,
+        help="our loaders hand over channels-last batches, as the trainer asks for (the default)",
+    )
+    layout.add_argument(
+        "--contiguous",
+        dest="channels_last",
+        action="store_false",
+        help="our loaders hand over contiguous batches (the workers transpose every image)",
     )
     parser.add_argument(
         "--per-class", type=int, default=300, help="--compare: Fashion-MNIST images per class"

@@ -127,9 +127,10 @@ def bare_rate(overrides: list[str], steps: int, warmup: int) -> float:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose("config", overrides=overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    data = build_data(
-        cfg.data, cfg.augmentation, run_dir=None, seed=cfg.seed, pin_memory=device.type == "cuda"
-    )
+    data = build_data(  # contiguous batches, as a plain loop expects them (the workers transpose)
+        cfg.data, cfg.augmentation, run_dir=None, seed=cfg.seed, pin_memory=device.type == "cuda",
+        channels_last=False,
+    )  # fmt: skip
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data.taxonomy.num_classes, data.meta_dims, data.taxonomy).to(device)
     opt = cfg.optimizer

@@ -164,10 +164,10 @@ def test_worker_slots_are_released_when_the_main_process_drops_a_batch(dataset, 
 
 
 def test_channels_last_batches_prepare_to_the_same_contiguous_floats(dataset):  # noqa: F811
-    _, plain = data_for(dataset, "augmentation=none")
+    """The loader's default channels-last batches and contiguous ones hold the same pixels and
+    prepare to the same contiguous floats."""
+    _, plain = data_for(dataset, "augmentation=none", channels_last=False)
     _, last = data_for(dataset, "augmentation=none")
-    last.train_loader.dataset.buffers.channels_last = True
-    last.val_loader.dataset.buffers.channels_last = True
     for loader in ("train_loader", "val_loader"):
         plain.train_batches.set_epoch(0)
         last.train_batches.set_epoch(0)

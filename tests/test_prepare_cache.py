@@ -25,6 +25,8 @@ from linnaeus.data.transforms import (
     Pipeline,
     build_eval_transform,
     build_train_augment,
+    normalize_images,
+    quantize_images,
     sample_seed,
     seeded_rng,
 )
@@ -54,7 +56,7 @@ def dataset(tmp_path_factory):
     return root
 
 
-def data_for(dataset, *overrides: str, workers: int = 0, batch_size: int = 8, channels_last: bool = False):
+def data_for(dataset, *overrides: str, workers: int = 0, batch_size: int = 8, channels_last: bool = True):
     cfg = compose_cfg(
         "data=h5",
         f"data.labels={dataset / 'labels.h5'}",
@@ -75,15 +77,20 @@ def first_train_batch(data, epoch: int = 0) -> dict:
     return next(iter(data.train_loader))
 
 
-def test_uint8_batches_and_prepare_equal_the_float_pipeline(dataset):
-    """The loader hands over uint8; prepare normalises on the device: the same numbers as normalising
-    per sample in the worker (the previous pipeline)."""
-    cfg, data = data_for(dataset, "augmentation=default")
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_uint8_batches_and_prepare_equal_the_float_pipeline(dataset, channels_last):
+    """The loader hands over uint8 (channels-last by default); prepare normalises on the device to
+    contiguous float32: the same numbers as normalising per sample in the worker (the previous
+    pipeline)."""
+    cfg, data = data_for(dataset, "augmentation=default", channels_last=channels_last)
     store = H5ImageStore(dataset / "images.h5")
     batch = first_train_batch(data)
     assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (8, 3, 32, 32)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert batch["images"].is_contiguous(memory_format=layout)
+    assert batch["images"].is_contiguous() is not channels_last
     prepared = data.prepare(batch)
-    assert prepared["images"].dtype == torch.float32
+    assert prepared["images"].dtype == torch.float32 and prepared["images"].is_contiguous()
     float_pipeline = v2.Compose(
         [
             build_train_augment(cfg.augmentation, 32, MEAN),
@@ -105,9 +112,31 @@ def test_uint8_batches_and_prepare_equal_the_float_pipeline(dataset):
     expected = [
         eval_float(store.read(int(ds.image_rows[i]), str(ds.identifiers[i]))) for i in val["index"].tolist()
     ]
+    assert val["images"].is_contiguous(memory_format=layout)
     torch.testing.assert_close(data.prepare(val)["images"], torch.stack(expected), rtol=0, atol=1e-6)
     with pytest.raises(TypeError, match="expects the loader's uint8 images, got torch.float32"):
         data.prepare(prepared)  # once per batch
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 7, 9), (3, 8, 6), (2, 4, 3, 5, 5)])
+def test_normalize_images_is_the_exact_formula_in_any_layout_and_quantize_inverts_it(shape):
+    """(x / 255 - mean) / std in float64, to float32 precision, whatever the input's memory layout
+    (contiguous, channels-last, a crop view); the output is contiguous; every uint8 level of every
+    channel comes back exactly through ``quantize_images``."""
+    generator = torch.Generator().manual_seed(len(shape))
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+    mean_t = torch.tensor(MEAN, dtype=torch.float64).view(-1, 1, 1)
+    std_t = torch.tensor(STD, dtype=torch.float64).view(-1, 1, 1)
+    expected = (images.double() / 255 - mean_t) / std_t
+    hwc = images.movedim(-3, -1).contiguous().movedim(-1, -3)  # (..., H, W, 3) memory
+    wide = torch.zeros((*shape[:-1], shape[-1] + 4), dtype=torch.uint8)
+    wide[..., 2 : 2 + shape[-1]] = images
+    for layout in (images, hwc, wide[..., 2 : 2 + shape[-1]]):
+        out = normalize_images(layout, MEAN, STD)
+        assert out.dtype == torch.float32 and out.shape == shape and out.is_contiguous()
+        torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6)
+    levels = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(3, 16, 16)
+    assert torch.equal(quantize_images(normalize_images(levels, MEAN, STD), MEAN, STD), levels)
 
 
 @pytest.fixture

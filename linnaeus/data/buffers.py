@@ -21,8 +21,10 @@ under 1 ms. ``BatchBuffers.take`` hands out such buffers:
 
 The batch's images may be laid out channels-last (``channels_last=True``: (B, 3, H, W) over (B, H, W, 3)
 memory), which is how the decoders return pixels: stacking is then a plain copy instead of a
-transposition (~85 us per 224 px image). The loader does this for batches headed to a GPU, where
-``DataBundle.prepare`` makes them contiguous at no cost worth measuring.
+transposition (~45 us per 224 px image), and JPEGs of the row's size decode straight into their rows.
+The loader does this by default; ``DataBundle.prepare`` casts the batch to contiguous float in the
+same pass (on a CPU ~35 us per 224 px image more than from contiguous uint8, nothing worth measuring
+on a GPU).
 """
 
 from __future__ import annotations

@@ -258,14 +258,15 @@ def build_data(
     world_size: int = 1,
     pin_memory: bool = False,
     local_rank: int | None = None,
-    channels_last: bool = False,
+    channels_last: bool = True,
 ) -> DataBundle:
     """Read labels, build the taxonomy, split, check images and assemble the loaders.
 
     Only rank 0 writes files (split and image report); every rank derives the same result.
     ``local_rank`` (default: ``LOCAL_RANK``/``SLURM_LOCALID``) picks the rank of a node that fills the
-    shared RAM cache (``data.cache=ram``). ``channels_last``: image batches in channels-last memory,
-    as decoders return pixels (no transposition in the loader; for batches headed to a GPU).
+    shared RAM cache (``data.cache=ram``). ``channels_last`` (default): image batches in channels-last memory,
+    as decoders return pixels (no transposition in the workers; ``prepare`` returns contiguous float
+    images in the same pass as the cast); False: contiguous uint8 batches.
     """
     is_main = rank == 0
     labels_path, images_path = resolve_paths(data_cfg)

@@ -127,8 +127,8 @@ class PrepareBatch:
                 f"DataBundle.prepare expects the loader's uint8 images, got {images.dtype}; call it once per "
                 "batch, right after moving the batch to the device"
             )
-        # contiguous (B, 3, H, W) whatever the loader's layout (channels-last batches for a GPU)
-        return {**batch, "images": normalize_images(images, self.mean, self.std).contiguous()}
+        # contiguous (B, 3, H, W) float32 whatever the loader's layout, in the same pass as the cast
+        return {**batch, "images": normalize_images(images, self.mean, self.std)}
 
     def __repr__(self) -> str:
         return f"PrepareBatch(mean={self.mean}, std={self.std})"

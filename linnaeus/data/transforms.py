@@ -22,6 +22,7 @@ import math
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -333,8 +334,26 @@ def build_random_erase(aug_cfg) -> v2.RandomErasing | None:
 
 
 def normalize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """(..., 3, H, W) uint8 -> float32 ``(x / 255 - mean) / std``, on the images' device."""
-    return F.normalize(F.to_dtype(images, torch.float32, scale=True), list(mean), list(std))
+    """(..., 3, H, W) uint8 -> contiguous float32 ``(x / 255 - mean) / std``, on the images' device.
+
+    One pass casts (and, from channels-last memory, transposes) the pixels, a second scales and shifts
+    them in place: half the time of a cast, a division and a normalisation, and a channels-last batch
+    costs no extra pass to come out contiguous."""
+    scale, shift = _normalize_affine(tuple(mean), tuple(std), images.device)
+    out = images.to(torch.float32, memory_format=torch.contiguous_format)
+    return out.mul_(scale).add_(shift)
+
+
+@lru_cache(maxsize=16)
+def _normalize_affine(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``normalize_images``'s x * scale + shift as (3, 1, 1) tensors on ``device``, made once per device
+    (no host-to-device copy in the step)."""
+    std_t = torch.tensor(std, dtype=torch.float64).view(-1, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float64).view(-1, 1, 1)
+    scale, shift = 1 / (255 * std_t), -mean_t / std_t
+    return scale.to(device, torch.float32), shift.to(device, torch.float32)
 
 
 def quantize_images(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
