@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from linnaeus.data.buffers import BatchBuffers
+from linnaeus.data.buffers import ROW_SHIFT, BatchBuffers
 from linnaeus.data.images import BadImageError, H5ImageStore, decode_bytes
 from linnaeus.data.transforms import Flip, ResizedCrop, build_train_augment, is_deterministic, seeded_rng
 from linnaeus.data.writer import write_images_h5
@@ -492,3 +492,29 @@ def test_decode_rows_puts_each_image_in_the_crash_trace_while_it_decodes(tmp_pat
     # the JPEGs that decode to the row's size, CMYK and the cut one included, each with its row
     assert seen == [[os.getpid(), 0], [os.getpid(), 2], [os.getpid(), 4], [os.getpid(), 5]]
     assert traced.slots[-1, 1] == -1  # none is being decoded now
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_image_batches_start_off_32_byte_boundaries_and_arrive_so(dataset, channels_last):  # noqa: F811
+    """uint8 image batches start ROW_SHIFT bytes past an aligned allocation (libjpeg-turbo decodes
+    slower into 32-byte aligned lines), in the main process's buffers, in a worker's shared-memory
+    slots and in the batches those arrive as; the pixel lines of a 224 px row then never start on a
+    32-byte boundary. Other tensors are allocated as usual."""
+    buffers = BatchBuffers(workers=0, channels_last=channels_last)
+    for shared in (False, True):
+        batch = buffers.empty((4, 3, 224, 224), torch.uint8, shared=shared)
+        assert batch.data_ptr() % 64 == ROW_SHIFT and batch.is_shared() is shared
+        assert batch.untyped_storage().nbytes() == 4 * 3 * 224 * 224 + ROW_SHIFT
+        starts = {batch[k, 0, line].data_ptr() % 32 for k in range(4) for line in range(224)}
+        assert starts == {ROW_SHIFT}  # every line of pixels (channels-last) or of one channel
+        assert buffers.empty((4, 6), torch.int64, shared=shared).data_ptr() % 64 == 0
+    local, _ = buffers.take((4, 3, 24, 24), torch.uint8)
+    assert local.data_ptr() % 64 == ROW_SHIFT
+    _, data = data_for(dataset, "augmentation=none", workers=2, batch_size=3, channels_last=channels_last)
+    data.train_batches.set_epoch(0)
+    _, reference = data_for(dataset, "augmentation=none", batch_size=3, channels_last=channels_last)
+    reference.train_batches.set_epoch(0)
+    for want, batch in zip(reference.train_loader, data.train_loader, strict=True):
+        assert batch["images"].data_ptr() % 64 == ROW_SHIFT  # from the slots, as the worker wrote them
+        assert want["images"].data_ptr() % 64 == ROW_SHIFT
+        assert torch.equal(batch["images"], want["images"])

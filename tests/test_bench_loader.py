@@ -103,3 +103,21 @@ def test_a_bare_pool_process_that_fails_is_an_error_not_a_hang(tmp_path):
     write_images_h5(path, [f"{i}" for i in range(8)], [_jpeg(0), *[png.getvalue()] * 7])
     with pytest.raises(RuntimeError, match="exited with code 1"):
         bench_loader.bare_pool_rate(path, workers=2, batch_size=4, batches=2, repeats=1)
+
+
+def test_decode_references_place_their_output_as_stated(tmp_path):
+    """``shifted_array`` starts where it says; the bare pool's slots are placed as our loader's
+    batches; decoding into a batch at either placement gives a rate, and the decode-only reference
+    offers simplejpeg into a fresh array and into a reused one."""
+    for shift in (0, 8, 16, 48):
+        array = bench_loader.shifted_array((3, 5, 7), shift)
+        assert array.ctypes.data % 64 == shift and array.shape == (3, 5, 7) and not array.any()
+    memory = bench_loader.batch_memory((2, 24, 24, 3))
+    assert memory.shape == (2, 24, 24, 3) and memory.is_shared()
+    assert memory.data_ptr() % 64 == bench_loader.ROW_SHIFT
+    path = tmp_path / "images.h5"
+    write_images_h5(path, [f"{i}.jpg" for i in range(6)], [_jpeg(i) for i in range(6)])
+    files, decoders = bench_loader._decoders(path)
+    assert len(files) == 6 and {"simplejpeg", "simplejpeg, reused buffer"} <= set(decoders)
+    for shift in (0, bench_loader.ROW_SHIFT):
+        assert bench_loader.decode_into_batch_rate(path, batch_size=4, shift=shift, repeats=1) > 0

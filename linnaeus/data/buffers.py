@@ -25,6 +25,12 @@ transposition (~45 us per 224 px image), and JPEGs of the row's size decode stra
 The loader does this by default; ``DataBundle.prepare`` casts the batch to contiguous float in the
 same pass (on a CPU ~35 us per 224 px image more than from contiguous uint8, nothing worth measuring
 on a GPU).
+
+A uint8 image batch starts ``ROW_SHIFT`` (16) bytes into its allocation, so that its rows and pixel
+lines, whose lengths are multiples of 32 bytes at the usual sizes, do not start on 32-byte
+boundaries: libjpeg-turbo (through simplejpeg) decodes 5-7 % slower into 32-byte aligned lines at 224
+and 256 px on an AMD EPYC VM (152 against 142 us per 224 px image, 15 % at 96 px) and equally fast at
+any other offset (8, 16, 24, 48 bytes); ``scripts/bench_loader.py --alignment`` measures it.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ _IDS = itertools.count()
 _TOKENS = itertools.count()
 INLINE_BYTES = 1 << 16  # larger tensors go through shared memory, as PyTorch sends them
 NUMPY_TRANSPOSE_MIN = 3 * 64 * 64  # uint8 images from this many values transpose faster through NumPy
+ROW_SHIFT = 16  # bytes between an allocation's (aligned) start and a uint8 image batch (module docstring)
 
 
 def _storage_uses(tensor: torch.Tensor) -> int:
@@ -183,11 +190,10 @@ class BatchBuffers:
         memory when ``shared`` (what a worker's batch travels through). ``layout=False``: the memory
         itself, (B, H, W, 3) for a channels-last batch."""
         memory = self._memory_shape(shape)
-        if shared:
-            size = math.prod(memory) * torch.empty((), dtype=dtype).element_size()
-            out = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(size)).view(memory)
-        else:
-            out = torch.empty(memory, dtype=dtype)
+        shift = ROW_SHIFT if dtype == torch.uint8 and len(shape) == 4 else 0
+        size = math.prod(memory) * torch.empty((), dtype=dtype).element_size() + shift
+        storage = torch.UntypedStorage._new_shared(size) if shared else torch.UntypedStorage(size)
+        out = torch.empty(0, dtype=dtype).set_(storage, shift, memory)
         return out.permute(0, 3, 1, 2) if layout and self._permuted(shape) else out
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, Lease | None]:
