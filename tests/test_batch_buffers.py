@@ -518,3 +518,23 @@ def test_image_batches_start_off_32_byte_boundaries_and_arrive_so(dataset, chann
         assert batch["images"].data_ptr() % 64 == ROW_SHIFT  # from the slots, as the worker wrote them
         assert want["images"].data_ptr() % 64 == ROW_SHIFT
         assert torch.equal(batch["images"], want["images"])
+
+
+def test_only_fixed_resized_crops_keep_an_image_of_their_output_size():
+    """A row decoded at the batch's size skips the transform only when the transform would return it
+    unchanged: fixed resized crops (augmentation=none) of one size, and nothing random or resizing."""
+    from linnaeus.data.transforms import Pipeline, keeps_its_output_size
+
+    fixed = ResizedCrop(32, (1.0, 1.0), (1.0, 1.0))
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    assert fixed(image) is image  # what skipping it relies on
+    assert keeps_its_output_size(fixed) and keeps_its_output_size(Pipeline([fixed]))
+    assert keeps_its_output_size(Pipeline([fixed, ResizedCrop(32, (1.0, 1.0), (1.0, 1.0))]))
+    assert not keeps_its_output_size(Pipeline([fixed, ResizedCrop(24, (1.0, 1.0), (1.0, 1.0))]))
+    assert not keeps_its_output_size(ResizedCrop(32, (0.08, 1.0), (0.75, 1.33)))
+    assert not keeps_its_output_size(Pipeline([fixed, Flip(0.5, dim=-1)]))
+    assert not keeps_its_output_size(v2.Compose([v2.Resize(32), v2.CenterCrop(32)]))  # resizes 32 x 40
+    cfg = compose_cfg("augmentation=none")
+    assert keeps_its_output_size(build_train_augment(cfg.augmentation, 32, [0.5] * 3))
+    cfg = compose_cfg("augmentation=default")
+    assert not keeps_its_output_size(build_train_augment(cfg.augmentation, 32, [0.5] * 3))

@@ -167,6 +167,7 @@ class BatchBuffers:
         self.track = hasattr(torch._C, "_storage_Use_Count")
         self._idle: tuple[int, int] | None = None  # the reference counts of a buffer nobody else holds
         self.busy = torch.zeros(workers * slots, dtype=torch.uint8).share_memory_() if workers else None
+        self._flags: np.ndarray | None = None  # ``busy`` as NumPy, made in the process that uses it
         self.owned: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # in a worker: its slots
         self.sent: set[int] = set()  # in a worker: slots whose memory the main process has
         self.mapped: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # in the main process
@@ -175,7 +176,16 @@ class BatchBuffers:
 
     def __getstate__(self) -> dict:
         # buffers stay in their process
-        return {**self.__dict__, "local": [], "owned": {}, "sent": set(), "mapped": {}}
+        return {**self.__dict__, "local": [], "owned": {}, "sent": set(), "mapped": {}, "_flags": None}
+
+    @property
+    def flags(self) -> np.ndarray:
+        """The shared ``busy`` table through NumPy: a flag read or written in ~50 ns, where a tensor
+        element costs ~1 us and may hand the GIL to the process's queue thread in between (seen as
+        ~100 us per batch in the main process)."""
+        if self._flags is None:
+            self._flags = self.busy.numpy()
+        return self._flags
 
     def _permuted(self, shape: tuple[int, ...]) -> bool:
         return self.channels_last and len(shape) == 4
@@ -221,8 +231,9 @@ class BatchBuffers:
 
     def _take_slot(self, worker: int, shape: tuple[int, ...], dtype: torch.dtype):
         if self.busy is not None and (worker + 1) * self.slots <= len(self.busy):
+            flags = self.flags
             for slot in range(worker * self.slots, (worker + 1) * self.slots):
-                if self.busy[slot]:
+                if flags[slot]:
                     continue
                 token, memory = self.owned.get(slot, (None, None))
                 if (
@@ -234,7 +245,7 @@ class BatchBuffers:
                     memory = self.empty(shape, dtype, shared=True, layout=False)
                     self.owned[slot] = (token, memory)
                     self.sent.discard(slot)
-                self.busy[slot] = 1
+                flags[slot] = 1
                 first = slot not in self.sent
                 self.sent.add(slot)
                 permuted = self._permuted(shape)
@@ -258,16 +269,22 @@ class BatchBuffers:
         ``decode_rows`` and ``finish``: a batch of images in one go. When the batch is uint8 RGB over
         channels-last memory, ``decode_rows(range(1, count), pixels)`` gets the (count - 1, H, W, 3)
         NumPy rows of images 1 on, decodes what it can straight into them and says which; image k so
-        decoded is then made by ``finish(k, row)`` from its row, the others by ``sample``."""
+        decoded is then made by ``finish(k, row)`` from its row (None: the row is the image), the
+        others by ``sample``."""
         first = sample(0, None)
         out, lease = self.take((count, *first.shape), first.dtype)
         try:
             rows = out.unbind(0)
             copy_image(rows[0], first)
-            decoded = _decoded_rows(out, decode_rows) if finish is not None else None
+            decoded = _decoded_rows(out, decode_rows)
             for k in range(1, count):
                 row = rows[k]
-                image = finish(k, row) if decoded and decoded[k - 1] else sample(k, row)
+                if decoded and decoded[k - 1]:
+                    if finish is None:
+                        continue  # decoded into its row, final
+                    image = finish(k, row)
+                else:
+                    image = sample(k, row)
                 if image is row:
                     continue  # decoded into its row
                 if image.shape != first.shape:
@@ -290,4 +307,4 @@ class BatchBuffers:
 
     def release(self, slot: int) -> None:
         """The main process is done with the batch in ``slot``: its worker may write there again."""
-        self.busy[slot] = 0
+        self.flags[slot] = 0

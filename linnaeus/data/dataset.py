@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, default_collate
 from linnaeus.data.buffers import BatchBuffers, travelling
 from linnaeus.data.images import BadImageError, FolderImageStore, H5ImageStore
 from linnaeus.data.prepare import EncodedImages
-from linnaeus.data.transforms import is_deterministic, sample_seed
+from linnaeus.data.transforms import is_deterministic, keeps_its_output_size, sample_seed
 
 BAD_IMAGE_HINT = (
     "Find every bad image with `python -m linnaeus.data.verify DIR`, or let the start-up check drop "
@@ -73,6 +73,8 @@ class TaxonDataset(Dataset):
         # per image
         self._apply = transform.forward if isinstance(transform, nn.Module) else transform
         self.seeded = transform is not None and not is_deterministic(transform)
+        # a row the store decoded at the batch's size is final as it is
+        self._finish_rows = transform is not None and not keeps_its_output_size(transform)
 
     @property
     def store(self) -> H5ImageStore | FolderImageStore:
@@ -152,7 +154,7 @@ class TaxonDataset(Dataset):
                     lambda k, out: self._sample(*pairs[k], out),
                     len(pairs),
                     None if self._decode_rows is None else partial(self._decode_batch_rows, pairs),
-                    lambda k, row: self._finish(*pairs[k], row),
+                    (lambda k, row: self._finish(*pairs[k], row)) if self._finish_rows else None,
                 )
         else:
             identifiers = [str(self.identifiers[i]) for i in indices]

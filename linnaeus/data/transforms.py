@@ -302,6 +302,20 @@ def is_deterministic(transform) -> bool:
     return isinstance(transform, DETERMINISTIC_STEPS)
 
 
+def keeps_its_output_size(transform) -> bool:
+    """Whether ``transform`` returns an image of the size it makes unchanged (the very tensor): then an
+    image decoded at that size needs no call to it. Only a fixed ``ResizedCrop`` (``augmentation=none``
+    in the workers) and pipelines of them count; anything else may change pixels or size."""
+    if isinstance(transform, v2.Compose):
+        steps = transform.transforms
+        return (
+            bool(steps)
+            and all(keeps_its_output_size(t) for t in steps)
+            and len({tuple(t.size) for t in steps}) == 1
+        )
+    return isinstance(transform, ResizedCrop) and transform.fixed
+
+
 def build_train_augment(aug_cfg, image_size: int, mean: Sequence[float]) -> v2.Compose:
     """Random resized crop, flips, auto-augment policy, colour jitter: (3, H, W) uint8 in,
     (3, image_size, image_size) uint8 out; on any device. Normalisation and random erasing follow
