@@ -15,7 +15,7 @@ Four ranks of 10/50/200/1000 classes and three metadata components, as on a mid-
 ``--compare-bare`` measures the framework's overhead instead: for each of ``--bare-models`` it runs our
 trainer (``python train.py``, images/s from ``metrics.jsonl``, the first logging window left out) and a
 plain PyTorch loop in this process with the same model, the same loader (``build_data``: same data,
-batch size, workers and augmentation) and the same AdamW settings and gradient clipping, but none
+batch size, workers and augmentation; contiguous batches, as a plain loop takes them) and the same AdamW settings and gradient clipping, but none
 of our training code (no schedule, metrics, checkpoint cadence, loss objects or batch transform), and
 prints the ratio of their images/s (the best of ``--rounds`` interleaved rounds of each side).
 

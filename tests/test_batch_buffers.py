@@ -204,12 +204,16 @@ def test_worker_batches_arrive_in_slot_memory_mapped_once(dataset, channels_last
             reference.train_batches.set_epoch(epoch)
             data.train_batches.set_epoch(epoch)
             expected = [(b["images"].clone(), b["targets"].clone()) for b in getattr(reference, loader)]
-            for (images, targets), batch in zip(expected, getattr(data, loader), strict=True):
+            batches = iter(getattr(data, loader))
+            for images, targets in expected:
+                # ``next`` with no batch held (``zip`` would hold the last one while it draws the next)
+                batch = next(batches)
                 assert torch.equal(batch["images"], images) and torch.equal(batch["targets"], targets)
                 assert not batch["targets"].is_shared() and not batch["index"].is_shared()
                 memory.add(batch["images"].data_ptr())
                 sizes.append(len(images))
                 del batch
+            assert next(batches, None) is None
         buffers = getattr(data, loader).dataset.buffers
         assert 2 <= len(memory) <= 4 and len(buffers.mapped) <= 4
         assert {ptr for ptr in memory} <= {m.data_ptr() for _, m in buffers.mapped.values()}
@@ -538,3 +542,16 @@ def test_only_fixed_resized_crops_keep_an_image_of_their_output_size():
     assert keeps_its_output_size(build_train_augment(cfg.augmentation, 32, [0.5] * 3))
     cfg = compose_cfg("augmentation=default")
     assert not keeps_its_output_size(build_train_augment(cfg.augmentation, 32, [0.5] * 3))
+
+
+def test_a_slot_first_used_by_a_short_batch_is_made_for_full_ones():
+    """An epoch's short last batch that lands in a slot never used before does not size it: the next
+    full batch in that slot reuses its memory (same token, nothing sent again)."""
+    buffers = BatchBuffers(workers=1, slots=2)
+    _, full = buffers._take_slot(0, (4, 3, 8, 8), torch.uint8)
+    _, short = buffers._take_slot(0, (2, 3, 8, 8), torch.uint8)  # slot 0 is busy: a fresh slot 1
+    assert (full.slot, short.slot) == (0, 1) and short.count == 2 and short.memory.shape[0] == 4
+    buffers.release(1)
+    rows, again = buffers._take_slot(0, (4, 3, 8, 8), torch.uint8)
+    assert again.slot == 1 and again.token == short.token and again.memory is None
+    assert rows.shape == (4, 3, 8, 8) and rows.data_ptr() == short.memory.data_ptr()

@@ -168,6 +168,7 @@ class BatchBuffers:
         self._idle: tuple[int, int] | None = None  # the reference counts of a buffer nobody else holds
         self.busy = torch.zeros(workers * slots, dtype=torch.uint8).share_memory_() if workers else None
         self._flags: np.ndarray | None = None  # ``busy`` as NumPy, made in the process that uses it
+        self._rows = 0  # in a worker: the most rows a batch had, what a new slot is made for
         self.owned: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # in a worker: its slots
         self.sent: set[int] = set()  # in a worker: slots whose memory the main process has
         self.mapped: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # in the main process
@@ -176,7 +177,15 @@ class BatchBuffers:
 
     def __getstate__(self) -> dict:
         # buffers stay in their process
-        return {**self.__dict__, "local": [], "owned": {}, "sent": set(), "mapped": {}, "_flags": None}
+        return {
+            **self.__dict__,
+            "local": [],
+            "owned": {},
+            "sent": set(),
+            "mapped": {},
+            "_flags": None,
+            "_rows": 0,
+        }
 
     @property
     def flags(self) -> np.ndarray:
@@ -232,6 +241,7 @@ class BatchBuffers:
     def _take_slot(self, worker: int, shape: tuple[int, ...], dtype: torch.dtype):
         if self.busy is not None and (worker + 1) * self.slots <= len(self.busy):
             flags = self.flags
+            self._rows = max(self._rows, shape[0])
             for slot in range(worker * self.slots, (worker + 1) * self.slots):
                 if flags[slot]:
                     continue
@@ -242,7 +252,9 @@ class BatchBuffers:
                     or (memory.dtype != dtype or len(memory) < shape[0])
                 ):
                     token = (os.getpid(), next(_TOKENS))
-                    memory = self.empty(shape, dtype, shared=True, layout=False)
+                    # a slot first used by an epoch's short last batch still fits the full ones
+                    rows = max(shape[0], self._rows)
+                    memory = self.empty((rows, *shape[1:]), dtype, shared=True, layout=False)
                     self.owned[slot] = (token, memory)
                     self.sent.discard(slot)
                 flags[slot] = 1
