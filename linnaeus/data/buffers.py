@@ -30,7 +30,7 @@ A uint8 image batch starts ``ROW_SHIFT`` (16) bytes into its allocation, so that
 lines, whose lengths are multiples of 32 bytes at the usual sizes, do not start on 32-byte
 boundaries: libjpeg-turbo (through simplejpeg) decodes 5-7 % slower into 32-byte aligned lines at 224
 and 256 px on an AMD EPYC VM (152 against 142 us per 224 px image, 15 % at 96 px) and equally fast at
-any other offset (8, 16, 24, 48 bytes); ``scripts/bench_loader.py --alignment`` measures it.
+any other offset (8, 16, 24, 48 bytes); ``scripts/bench_loader.py --compare`` measures both.
 """
 
 from __future__ import annotations
