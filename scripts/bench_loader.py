@@ -310,7 +310,9 @@ def _each(decode, items) -> None:
 
 def decode_only_rate(images_h5: Path, repeats: int = 2) -> tuple[float, str]:
     """One process, one thread: decode the dataset's bytes (already in memory) with the fastest
-    decoder at hand: (images/s, its name)."""
+    decoder at hand: (images/s, its name). For JPEGs simplejpeg competes twice, into a fresh array per
+    image and into one reused array ``ROW_SHIFT`` bytes past a boundary, since where its output
+    lands changes its speed (``linnaeus.data.buffers``): the limit is the better of the two."""
     files, decoders = _decoders(images_h5)
     best = {}
     for _ in range(repeats):
