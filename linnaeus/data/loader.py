@@ -264,9 +264,8 @@ def build_data(
 
     Only rank 0 writes files (split and image report); every rank derives the same result.
     ``local_rank`` (default: ``LOCAL_RANK``/``SLURM_LOCALID``) picks the rank of a node that fills the
-    shared RAM cache (``data.cache=ram``). ``channels_last`` (default): image batches in channels-last memory,
-    as decoders return pixels (no transposition in the workers; ``prepare`` returns contiguous float
-    images in the same pass as the cast); False: contiguous uint8 batches.
+    shared RAM cache (``data.cache=ram``). ``channels_last``: image batches over (B, H, W, 3) memory, as
+    decoders return pixels (``prepare`` casts them to contiguous float); False: contiguous batches.
     """
     is_main = rank == 0
     labels_path, images_path = resolve_paths(data_cfg)
